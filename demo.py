@@ -1,0 +1,17 @@
+"""make demo: the subseg story on the embedded synthetic cohorts (see conf/demo.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from subseg import tasks
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="demo")
+def main(cfg: DictConfig) -> None:
+    """Run the demo."""
+    with tasks.cli_errors():
+        tasks.demo(cfg)
+
+
+if __name__ == "__main__":
+    main()

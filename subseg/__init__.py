@@ -1,0 +1,1 @@
+"""subseg: sub-cortical segmentation with few-shot transfer to new scanners."""

@@ -1,0 +1,201 @@
+"""A cohort is data, not code: its subjects from a ``conf/dataset/*.yaml`` entry, and its splits.
+
+A dataset entry names a root folder, file patterns with an ``{id}`` placeholder (a list of
+patterns when published train and test sets live in different folders), the label protocol, an
+optional published test list, and seeded split fractions. Synthetic cohorts also carry a
+``synth:`` block and are generated on first use. Splits are drawn once and written to the run
+folder (``splits.json``); a resumed or re-evaluated run reads them back rather than redrawing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from subseg import io, synth
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of a cohort.
+
+    Attributes:
+        id: subject id (the ``{id}`` of the file patterns).
+        image: path of the skull-stripped T1.
+        label: path of the raw label map, or ``None`` for unlabelled subjects.
+        group: scanner sub-group from ``subjects.csv``, when the cohort has one.
+    """
+
+    id: str
+    image: Path
+    label: Path | None
+    group: str | None = None
+
+    def as_item(self) -> dict:
+        """The dictionary a MONAI pipeline takes."""
+        return {
+            "id": self.id,
+            "image": str(self.image),
+            "label": None if self.label is None else str(self.label),
+            "group": self.group,
+        }
+
+
+def _patterns(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _discover_ids(root: Path, patterns: Sequence[str]) -> list[str]:
+    ids = set()
+    for pattern in patterns:
+        before, _, after = pattern.partition("{id}")
+        regex = re.compile(re.escape(before) + r"(.+?)" + re.escape(after) + "$")
+        for path in root.glob(pattern.replace("{id}", "*")):
+            match = regex.match(path.relative_to(root).as_posix())
+            if match:
+                ids.add(match.group(1))
+    return sorted(ids)
+
+
+def _first_existing(root: Path, patterns: Sequence[str], sid: str) -> Path | None:
+    candidates = [root / p.format(id=sid) for p in patterns]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _read_groups(root: Path) -> dict[str, str]:
+    table = root / "subjects.csv"
+    if not table.is_file():
+        return {}
+    with open(table, newline="") as f:
+        return {row["id"]: row.get("group") or None for row in csv.DictReader(f)}
+
+
+def prepare(dataset: Mapping) -> Path:
+    """Make sure a cohort exists on disk (generating a synthetic one if needed); return its root."""
+    root = Path(dataset["root"]).expanduser()
+    spec = dataset.get("synth")
+    if spec:
+        params = synth.CohortParams(
+            **{k: v for k, v in dict(spec).items() if k != "extra"},
+            extra=dict(spec.get("extra") or {}),
+        )
+        synth.ensure_cohort(root, params)
+    return root
+
+
+def list_subjects(dataset: Mapping) -> list[Subject]:
+    """List a cohort's subjects from its dataset entry.
+
+    Args:
+        dataset: a ``conf/dataset`` entry (``root``, ``image``, ``label``, optional ``ids``).
+
+    Returns:
+        Subjects sorted by id.
+
+    Raises:
+        io.InputError: the root is missing, no image matches, or a listed subject's file is missing.
+    """
+    root = prepare(dataset)
+    name = dataset.get("name", root.name)
+    if not root.is_dir():
+        raise io.InputError(f"{root}: dataset '{name}' root folder does not exist")
+    image_patterns, label_patterns = _patterns(dataset["image"]), _patterns(dataset.get("label"))
+    ids = [str(i) for i in dataset.get("ids") or _discover_ids(root, image_patterns)]
+    if not ids:
+        raise io.InputError(
+            f"{root}: dataset '{name}' has no images matching {' or '.join(image_patterns)}"
+        )
+    groups = _read_groups(root)
+    subjects = []
+    for sid in ids:
+        image = _first_existing(root, image_patterns, sid)
+        if image is None:
+            raise io.InputError(
+                f"{root / image_patterns[0].format(id=sid)}: image of subject '{sid}' not found"
+            )
+        label = _first_existing(root, label_patterns, sid) if label_patterns else None
+        if label_patterns and label is None:
+            raise io.InputError(
+                f"{root / label_patterns[0].format(id=sid)}: label of subject '{sid}' not found"
+            )
+        subjects.append(Subject(sid, image, label, groups.get(sid)))
+    return sorted(subjects, key=lambda s: s.id)
+
+
+def make_splits(
+    ids: Sequence[str],
+    test_ids: Sequence[str] | None = None,
+    test_fraction: float = 0.25,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Split subject ids into train / val / test.
+
+    Args:
+        ids: all subject ids.
+        test_ids: the published test list; when given it is the test set as is.
+        test_fraction: share drawn at random for testing when there is no published list.
+        val_fraction: share of the remaining subjects held out for whole-volume validation.
+        seed: seed of the draws.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
+    """
+    ids = sorted(map(str, ids))
+    rng = np.random.default_rng(seed)
+    if test_ids is not None:
+        test = sorted(map(str, test_ids))
+        unknown = set(test) - set(ids)
+        if unknown:
+            raise ValueError(f"published test ids not in the cohort: {sorted(unknown)}")
+    else:
+        n_test = int(round(test_fraction * len(ids)))
+        test = sorted(rng.permutation(ids)[:n_test].tolist())
+    rest = [i for i in ids if i not in set(test)]
+    n_val = int(round(val_fraction * len(rest))) if len(rest) > 1 else 0
+    val = sorted(rng.permutation(rest)[:n_val].tolist())
+    train = [i for i in rest if i not in set(val)]
+    return {"train": train, "val": val, "test": test}
+
+
+def ensure_splits(
+    run_dir: str | Path, dataset: Mapping, subjects: Sequence[Subject] | None = None
+) -> dict[str, list[str]]:
+    """Read ``run_dir/splits.json``, or draw the cohort's splits and write them there once.
+
+    Args:
+        run_dir: the run folder.
+        dataset: the cohort's dataset entry (its ``split`` block: ``seed``, ``test_fraction``,
+            ``val_fraction``; and ``test_ids`` when published).
+        subjects: the cohort's subjects, if already listed.
+
+    Returns:
+        The splits, as in :func:`make_splits`.
+    """
+    path = Path(run_dir) / "splits.json"
+    if path.is_file():
+        return {
+            k: v for k, v in json.loads(path.read_text()).items() if k in ("train", "val", "test")
+        }
+    subjects = subjects if subjects is not None else list_subjects(dataset)
+    split = dict(dataset.get("split") or {})
+    test_ids = dataset.get("test_ids")
+    splits = make_splits(
+        [s.id for s in subjects],
+        None if test_ids is None else list(test_ids),
+        split.get("test_fraction", 0.25),
+        split.get("val_fraction", 0.2),
+        split.get("seed", 0),
+    )
+    record = {"dataset": dataset.get("name"), "seed": split.get("seed", 0), **splits}
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    return splits

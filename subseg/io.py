@@ -1,0 +1,246 @@
+"""NIfTI in and out, with geometry checks and canonical orientation.
+
+Every volume is reoriented on load to the closest canonical (RAS+) orientation by flips and axis
+permutations only (no resampling), so "axial" means the same anatomical plane for every cohort.
+Every output is written back on the input's own grid, affine and orientation, through a temporary
+file renamed into place so that an interrupted run never leaves a half-written NIfTI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from subseg import labels as label_protocol
+
+
+class InputError(ValueError):
+    """A user's input file is unusable; the message is one line that names the file."""
+
+
+@dataclass
+class Volume:
+    """A 3-D volume in canonical (RAS+) orientation that remembers how it was stored.
+
+    Attributes:
+        data: voxel array in canonical orientation.
+        affine: voxel → world (mm) affine of ``data``.
+        path: the file it came from.
+        original_affine: the affine as stored in the file.
+        original_shape: the 3-D shape as stored in the file.
+        header: the file's NIfTI header, reused when writing outputs on the same grid.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: Path
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    header: nib.Nifti1Header
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the canonical axes (R, A, S)."""
+        return tuple(float(z) for z in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm³."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    def to_original(self, array: np.ndarray) -> np.ndarray:
+        """Reorient an array on this volume's canonical grid back to the file's orientation."""
+        return _reorient(array, _ornt(self.affine), _ornt(self.original_affine))
+
+
+def _ornt(affine: np.ndarray) -> np.ndarray:
+    return orientations.io_orientation(affine)
+
+
+def _reorient(array: np.ndarray, from_ornt: np.ndarray, to_ornt: np.ndarray) -> np.ndarray:
+    transform = orientations.ornt_transform(from_ornt, to_ornt)
+    return np.ascontiguousarray(orientations.apply_orientation(array, transform))
+
+
+def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types; the user needs one line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot be read as NIfTI ({reason})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(
+            f"{path}: expected a 3-D volume (or 4-D with one volume), got shape {data.shape}"
+        )
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the affine is singular or not finite")
+    return data, img
+
+
+def _canonical(data: np.ndarray, img: nib.Nifti1Image, path: Path) -> Volume:
+    affine = img.affine
+    ornt = _ornt(affine)
+    canonical_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
+    return Volume(
+        data=_reorient(data, ornt, orientations.axcodes2ornt("RAS")),
+        affine=canonical_affine,
+        path=path,
+        original_affine=affine.copy(),
+        original_shape=tuple(int(s) for s in data.shape),
+        header=img.header.copy(),
+    )
+
+
+def load_image(path: str | os.PathLike) -> Volume:
+    """Load a skull-stripped T1 image in canonical orientation as float32.
+
+    Args:
+        path: a NIfTI file (``.nii`` or ``.nii.gz``), 3-D or 4-D with one volume.
+
+    Returns:
+        The canonical volume.
+
+    Raises:
+        InputError: unreadable file, wrong dimensions, NaN/inf voxels, or an empty brain.
+    """
+    path = Path(path)
+    data, img = _read(path)
+    data = data.astype(np.float32, copy=False)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"{path}: {bad} voxels are NaN or infinite")
+    brain = data[data != 0]
+    if brain.size == 0:
+        raise InputError(f"{path}: empty brain (every voxel is zero); expected a skull-stripped T1")
+    if brain.min() == brain.max():
+        raise InputError(f"{path}: empty brain (every non-zero voxel has the same intensity)")
+    return _canonical(data, img, path)
+
+
+def load_label(
+    path: str | os.PathLike,
+    image: Volume | None = None,
+    protocol: label_protocol.LabelSpec | None = None,
+) -> Volume:
+    """Load a raw label map in canonical orientation as int32.
+
+    Args:
+        path: a NIfTI label file.
+        image: the subject's image; when given, the label must lie on exactly its grid.
+        protocol: when given, the label map must contain at least one of its structure ids.
+
+    Returns:
+        The canonical label volume with raw ids (see :func:`subseg.labels.map_to_classes`).
+
+    Raises:
+        InputError: unreadable file, wrong dimensions, non-integer values, a grid that differs
+            from the image's, or none of the protocol's ids present.
+    """
+    path = Path(path)
+    data, img = _read(path)
+    rounded = np.rint(data)
+    if not np.all(np.isfinite(data)) or np.abs(data - rounded).max(initial=0) > 1e-3:
+        raise InputError(f"{path}: label values must be finite integers")
+    data = rounded.astype(np.int32)
+    if image is not None:
+        if data.shape != image.original_shape:
+            raise InputError(
+                f"{path}: label grid {data.shape} does not match image {image.path.name} "
+                f"grid {image.original_shape}"
+            )
+        diff = float(np.abs(img.affine - image.original_affine).max())
+        if diff > 1e-3:
+            raise InputError(
+                f"{path}: label affine differs from image {image.path.name}'s by up to "
+                f"{diff:.4g} mm"
+            )
+    if protocol is not None:
+        expected = set(label_protocol.class_lookup(protocol))
+        present = np.unique(data)
+        if not expected.intersection(present.tolist()):
+            name = protocol if isinstance(protocol, str) else "the given mapping"
+            shown = ", ".join(str(v) for v in present[:12]) + (" …" if present.size > 12 else "")
+            raise InputError(
+                f"{path}: none of the 14 structure ids of {name} is present (found ids: {shown})"
+            )
+    return _canonical(data, img, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` and rename it to ``path`` only on success.
+
+    Args:
+        path: the final file name; its suffixes are kept on the temporary name so that writers
+            that choose a format by extension (``.nii.gz``, ``.png``) still do.
+
+    Yields:
+        The temporary path to write to.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes)
+    )
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dtype=None) -> Path:
+    """Write an array on a reference volume's canonical grid back in the reference's own geometry.
+
+    The file gets the reference's original shape, affine, orientation and header (qform/sform
+    codes, units), with the data type of ``array`` (or ``dtype``) and no intensity scaling.
+
+    Args:
+        array: 3-D array with the shape of ``reference.data``.
+        reference: the volume whose grid ``array`` lies on.
+        path: output file (``.nii.gz`` recommended).
+        dtype: data type on disk; defaults to ``array.dtype``.
+
+    Returns:
+        The path written.
+    """
+    if array.shape != reference.data.shape:
+        raise ValueError(
+            f"array shape {array.shape} is not the reference grid {reference.data.shape}"
+        )
+    out = reference.to_original(np.asarray(array, dtype=dtype or array.dtype))
+    header = reference.header.copy()
+    header.set_data_shape(out.shape)
+    header.set_data_dtype(out.dtype)
+    img = nib.Nifti1Image(out, reference.original_affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+def save_new(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a new NIfTI (no reference file) atomically, with qform and sform set to ``affine``."""
+    img = nib.Nifti1Image(np.asarray(array), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return path

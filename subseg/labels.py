@@ -1,0 +1,142 @@
+"""The 14-structure output protocol and the raw label-id tables of the cohorts we read.
+
+Output class 0 is background; classes 1..14 follow METHOD.md §1 (right before left). A raw label
+map from any protocol is mapped to classes through a lookup table in which every raw id not listed
+maps to background; MONAI's ``MapLabelValue`` passes unlisted ids through unchanged, which would
+leak cortex or ventricles into the class range, hence this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import yaml
+
+
+@cache
+def _tables() -> dict:
+    text = resources.files("subseg").joinpath("label_tables.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+STRUCTURES: tuple[str, ...] = tuple(_tables()["structures"])
+"""Structure names in output-class order: ``STRUCTURES[c - 1]`` is class ``c``."""
+
+NUM_CLASSES = len(STRUCTURES) + 1
+"""Output classes including background (15)."""
+
+PROTOCOLS: tuple[str, ...] = tuple(_tables()["protocols"])
+"""Names of the built-in raw-id tables (``miccai2012``, ``aseg``, ``cerebra``)."""
+
+LEFT_RIGHT_PAIRS: tuple[tuple[int, int], ...] = tuple(
+    (STRUCTURES.index(f"right_{name}") + 1, STRUCTURES.index(f"left_{name}") + 1)
+    for name in dict.fromkeys(s.split("_", 1)[1] for s in STRUCTURES)
+)
+"""(right class, left class) for each of the seven structures."""
+
+
+def class_of(structure: str) -> int:
+    """Return the output class of a structure name such as ``"left_putamen"``."""
+    return STRUCTURES.index(structure) + 1
+
+
+def mirror_class(cls: int) -> int:
+    """Return the class of the same structure in the other hemisphere (0 stays 0)."""
+    for right, left in LEFT_RIGHT_PAIRS:
+        if cls == right:
+            return left
+        if cls == left:
+            return right
+    if cls == 0:
+        return 0
+    raise ValueError(f"not an output class: {cls}")
+
+
+LabelSpec = str | Mapping[str, int | Sequence[int]]
+
+
+def raw_ids(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
+    """Resolve a label protocol to the raw ids of each of the 14 structures.
+
+    Args:
+        spec: a protocol name from ``PROTOCOLS`` or an explicit mapping from every structure name
+            to one raw id or a list of raw ids (a cohort whose protocol splits a structure).
+
+    Returns:
+        Structure name → tuple of raw ids, in output-class order.
+
+    Raises:
+        ValueError: unknown protocol, a structure missing from the mapping, an unknown structure
+            name, or one raw id given to two structures.
+    """
+    if isinstance(spec, str):
+        if spec not in PROTOCOLS:
+            raise ValueError(f"unknown label protocol {spec!r}; choose one of {PROTOCOLS}")
+        spec = _tables()["protocols"][spec]
+    unknown = set(spec) - set(STRUCTURES)
+    missing = [s for s in STRUCTURES if s not in spec]
+    if unknown or missing:
+        raise ValueError(
+            f"label mapping must name exactly the 14 structures; unknown {sorted(unknown)}, "
+            f"missing {missing}"
+        )
+    table = {}
+    for name in STRUCTURES:
+        ids = spec[name]
+        table[name] = tuple(int(i) for i in (ids if isinstance(ids, Sequence) else [ids]))
+    flat = [i for ids in table.values() for i in ids]
+    if len(flat) != len(set(flat)):
+        raise ValueError(f"a raw id is given to two structures: {table}")
+    return table
+
+
+def class_lookup(spec: LabelSpec) -> dict[int, int]:
+    """Return raw id → output class for a protocol (ids not in it are background)."""
+    return {raw: cls for cls, ids in enumerate(raw_ids(spec).values(), 1) for raw in ids}
+
+
+def reference_tissue_ids(protocol: str) -> dict[str, int]:
+    """Raw ids of tissues outside the 14 structures (ventricles, white matter) in a protocol."""
+    return dict(_tables()["reference_tissues"].get(protocol, {}))
+
+
+def map_to_classes(raw: np.ndarray, spec: LabelSpec) -> np.ndarray:
+    """Map a raw label map to output classes; every unlisted id becomes background.
+
+    Args:
+        raw: integer (or integer-valued float) label array of any shape.
+        spec: the cohort's protocol name or explicit mapping (see :func:`raw_ids`).
+
+    Returns:
+        A ``uint8`` array of classes 0..14 with the shape of ``raw``.
+    """
+    return _apply_lookup(raw, class_lookup(spec), np.uint8)
+
+
+def map_to_raw(classes: np.ndarray, spec: LabelSpec) -> np.ndarray:
+    """Map output classes back to a protocol's raw ids (the first id of each structure).
+
+    Args:
+        classes: array of classes 0..14.
+        spec: the protocol to write in.
+
+    Returns:
+        An ``int32`` array of raw ids; background stays 0.
+    """
+    inverse = {cls: ids[0] for cls, ids in enumerate(raw_ids(spec).values(), 1)}
+    return _apply_lookup(classes, inverse, np.int32)
+
+
+def _apply_lookup(values: np.ndarray, lookup: Mapping[int, int], dtype) -> np.ndarray:
+    ints = np.rint(values).astype(np.int64)
+    keys = np.fromiter(lookup, dtype=np.int64, count=len(lookup))
+    vals = np.fromiter(lookup.values(), dtype=np.int64, count=len(lookup))
+    order = np.argsort(keys)
+    keys, vals = keys[order], vals[order]
+    # searchsorted works for any id range (negative or huge ids included) without a dense LUT.
+    pos = np.clip(np.searchsorted(keys, ints), 0, len(keys) - 1)
+    hit = keys[pos] == ints
+    return np.where(hit, vals[pos], 0).astype(dtype)

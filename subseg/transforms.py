@@ -1,0 +1,235 @@
+"""MONAI dictionary transforms: load → canonical → label mapping → z-score → (optional) Nyúl.
+
+MONAI provides the z-score (``NormalizeIntensityd`` with ``nonzero=True``) and composition. What it
+lacks is written here in MONAI's style (an array transform plus its ``…d`` twin):
+
+- ``LoadSubjectd``: MONAI's ``LoadImaged`` + ``Orientationd`` would load and reorient, but neither
+  validates a user's files nor names the file in its errors; this one goes through
+  :mod:`subseg.io` so every geometry problem surfaces as one line naming the file.
+- ``MapLabels``: MONAI's ``MapLabelValue`` passes unlisted ids through unchanged.
+- ``HistogramStandardize``: MONAI's ``HistogramNormalize`` is histogram equalisation, not Nyúl &
+  Udupa's two-stage piecewise-linear standardisation to a reference cohort's landmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, NormalizeIntensityd, Transform
+from monai.utils import convert_to_dst_type
+
+from subseg import io
+from subseg import labels as label_protocol
+
+NYUL_PERCENTILES: tuple[float, ...] = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
+"""Landmarks of Nyúl standardisation: the 1st/99th percentiles and the deciles between."""
+
+
+def _meta_tensor(volume: io.Volume, data: np.ndarray) -> MetaTensor:
+    meta = {
+        "filename_or_obj": str(volume.path),
+        "original_affine": volume.original_affine,
+        "original_shape": volume.original_shape,
+        "spacing": np.asarray(volume.spacing),
+        "voxel_volume_mm3": volume.voxel_volume_mm3,
+    }
+    return MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(data))[None],
+        affine=torch.as_tensor(volume.affine, dtype=torch.float64),
+        meta=meta,
+    )
+
+
+class LoadSubjectd(MapTransform):
+    """Load a subject's image (and label, if present) in canonical orientation with checks.
+
+    Input values are file paths; outputs are channel-first ``MetaTensor`` s (1×X×Y×Z, RAS+) whose
+    meta data keep the file name and the stored affine and shape.
+
+    Args:
+        image_key: key of the T1 image path.
+        label_key: key of the raw label-map path (skipped when absent or ``None``).
+        protocol: the label protocol; labels with none of its ids are rejected.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        protocol: label_protocol.LabelSpec | None = None,
+    ):
+        super().__init__([image_key, label_key], allow_missing_keys=True)
+        self.image_key, self.label_key, self.protocol = image_key, label_key, protocol
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        """Load the files named in ``data``; other entries pass through."""
+        out = dict(data)
+        image = io.load_image(out[self.image_key])
+        out[self.image_key] = _meta_tensor(image, image.data)
+        if out.get(self.label_key) is not None:
+            label = io.load_label(out[self.label_key], image=image, protocol=self.protocol)
+            out[self.label_key] = _meta_tensor(label, label.data)
+        return out
+
+
+class MapLabels(Transform):
+    """Map raw label ids to the 14 output classes; every unlisted id becomes background.
+
+    Args:
+        protocol: protocol name (``aseg``, ``miccai2012``, ``cerebra``) or explicit mapping.
+    """
+
+    def __init__(self, protocol: label_protocol.LabelSpec):
+        self.protocol = protocol
+        label_protocol.raw_ids(protocol)  # fail at construction on a bad mapping
+
+    def __call__(self, label):
+        """Return the class map, same container type as ``label``."""
+        array = (
+            label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+        )
+        classes = label_protocol.map_to_classes(array, self.protocol)
+        out, *_ = convert_to_dst_type(
+            classes, label, dtype=torch.uint8 if isinstance(label, torch.Tensor) else np.uint8
+        )
+        return out
+
+
+class MapLabelsd(MapTransform):
+    """Dictionary twin of :class:`MapLabels`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        protocol: label_protocol.LabelSpec,
+        allow_missing_keys: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.mapper = MapLabels(protocol)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        """Map every present key."""
+        out = dict(data)
+        for key in self.key_iterator(out):
+            if out[key] is not None:
+                out[key] = self.mapper(out[key])
+        return out
+
+
+def nyul_landmarks(image, percentiles: Sequence[float] = NYUL_PERCENTILES) -> np.ndarray:
+    """Intensity landmarks (percentiles) of an image's non-zero (brain) voxels."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    brain = array[array != 0]
+    if brain.size == 0:
+        raise ValueError("cannot compute histogram landmarks of an empty image")
+    return np.percentile(brain.astype(np.float64), percentiles)
+
+
+def learn_standard_scale(
+    images: Iterable, percentiles: Sequence[float] = NYUL_PERCENTILES
+) -> np.ndarray:
+    """Stage one of Nyúl standardisation: the reference cohort's mean landmarks.
+
+    Each image's landmarks are mapped linearly so that its first and last landmarks fall on the
+    cohort's mean first and last landmarks, then averaged: the standard scale keeps the reference
+    cohort's own intensity range (the paper standardises targets to the source's histogram).
+
+    Args:
+        images: reference images (arrays or tensors; zeros are background).
+        percentiles: landmark percentiles.
+
+    Returns:
+        The standard landmarks, one per percentile.
+    """
+    marks = np.stack([nyul_landmarks(img, percentiles) for img in images])
+    low, high = marks[:, 0].mean(), marks[:, -1].mean()
+    scaled = low + (marks - marks[:, :1]) / (marks[:, -1:] - marks[:, :1]) * (high - low)
+    return scaled.mean(axis=0)
+
+
+class HistogramStandardize(Transform):
+    """Stage two of Nyúl standardisation: map an image's landmarks onto the standard scale.
+
+    Piecewise linear between landmarks, extended linearly beyond the first and last; background
+    (zero) voxels stay zero.
+
+    Args:
+        standard_landmarks: the reference cohort's landmarks from :func:`learn_standard_scale`.
+        percentiles: the percentiles those landmarks stand for.
+    """
+
+    def __init__(
+        self, standard_landmarks: Sequence[float], percentiles: Sequence[float] = NYUL_PERCENTILES
+    ):
+        self.standard = np.asarray(standard_landmarks, dtype=np.float64)
+        self.percentiles = tuple(percentiles)
+        if self.standard.shape != (len(self.percentiles),) or np.any(np.diff(self.standard) <= 0):
+            raise ValueError("standard landmarks must increase, one per percentile")
+
+    def __call__(self, image):
+        """Return the standardised image, same container type as ``image``."""
+        array = (
+            image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        )
+        source = nyul_landmarks(array, self.percentiles)
+        source = np.maximum.accumulate(source + np.arange(source.size) * 1e-9)  # strictly rising
+        mask = array != 0
+        values = array[mask].astype(np.float64)
+        mapped = np.interp(values, source, self.standard)
+        low_slope = (self.standard[1] - self.standard[0]) / (source[1] - source[0])
+        high_slope = (self.standard[-1] - self.standard[-2]) / (source[-1] - source[-2])
+        below, above = values < source[0], values > source[-1]
+        mapped[below] = self.standard[0] + (values[below] - source[0]) * low_slope
+        mapped[above] = self.standard[-1] + (values[above] - source[-1]) * high_slope
+        result = np.zeros_like(array, dtype=np.float32)
+        result[mask] = mapped
+        out, *_ = convert_to_dst_type(
+            result, image, dtype=torch.float32 if isinstance(image, torch.Tensor) else np.float32
+        )
+        return out
+
+
+class HistogramStandardized(MapTransform):
+    """Dictionary twin of :class:`HistogramStandardize`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        standard_landmarks: Sequence[float],
+        percentiles: Sequence[float] = NYUL_PERCENTILES,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.standardize = HistogramStandardize(standard_landmarks, percentiles)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        """Standardise every present key."""
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = self.standardize(out[key])
+        return out
+
+
+def preprocessing(
+    protocol: label_protocol.LabelSpec | None, standard_landmarks: Sequence[float] | None = None
+) -> Compose:
+    """The deterministic pipeline every subject goes through before sampling or inference.
+
+    Args:
+        protocol: the cohort's label protocol (``None`` for unlabelled images).
+        standard_landmarks: when given, Nyúl-standardise the z-scored image to these landmarks.
+
+    Returns:
+        A MONAI ``Compose`` taking ``{"image": path, "label": path | None, ...}``.
+    """
+    steps: list = [LoadSubjectd(protocol=protocol)]
+    if protocol is not None:
+        steps.append(MapLabelsd("label", protocol))
+    steps.append(NormalizeIntensityd("image", nonzero=True))
+    if standard_landmarks is not None:
+        steps.append(HistogramStandardized("image", standard_landmarks))
+    return Compose(steps)

@@ -1,0 +1,18 @@
+"""python train.py …: see conf/train.yaml."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from subseg import tasks
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Prepare the run folder; the source training stage itself lands with issue #4."""
+    with tasks.cli_errors():
+        tasks.not_built_yet(cfg, HydraConfig.get().runtime.output_dir, "source training", 4)
+
+
+if __name__ == "__main__":
+    main()
