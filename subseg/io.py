@@ -26,6 +26,17 @@ class InputError(ValueError):
     """A user's input file is unusable; the message is one line that names the file."""
 
 
+def find_input_error(exc: BaseException | None) -> InputError | None:
+    """Return the :class:`InputError` behind ``exc`` (MONAI wraps transform errors), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @dataclass
 class Volume:
     """A 3-D volume in canonical (RAS+) orientation that remembers how it was stored.

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -231,8 +232,16 @@ def load_template() -> Template:
     root = resources.files(TEMPLATE_PACKAGE)
     t1_img = nib.load(root.joinpath(TEMPLATE_T1))
     t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
-    # The CerebrA file is stored as float32; its ids are integers.
-    labels = np.rint(np.asarray(nib.load(root.joinpath(TEMPLATE_LABELS)).dataobj)).astype(np.int16)
+    # The CerebrA file is stored as float32 (its ids are integers) and its header has qfac 0,
+    # which nibabel repairs with an INFO log line that users needn't see.
+    nib_log = logging.getLogger("nibabel.global")
+    level = nib_log.level
+    nib_log.setLevel(logging.WARNING)
+    try:
+        cerebra = np.asarray(nib.load(root.joinpath(TEMPLATE_LABELS)).dataobj)
+    finally:
+        nib_log.setLevel(level)
+    labels = np.rint(cerebra).astype(np.int16)
     brain = t1 > 0
     labels[~brain] = 0
     unlabelled = brain & (labels == 0)

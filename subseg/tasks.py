@@ -14,22 +14,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.transforms import Compose
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import cohort, io
+from subseg import cohort, io, transforms
 from subseg import labels as label_protocol
-from subseg.transforms import LoadSubjectd, MapLabelsd
-
-
-def _input_error_in(exc: BaseException) -> io.InputError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, io.InputError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 @contextlib.contextmanager
@@ -38,7 +26,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        found = _input_error_in(exc)
+        found = io.find_input_error(exc)
         if found is None:
             raise
         print(f"subseg: error: {found}", file=sys.stderr)
@@ -67,9 +55,7 @@ def summarize_cohort(dataset: Mapping) -> dict:
     """
     dataset = _as_dict(dataset)
     subjects = cohort.list_subjects(dataset)
-    load = Compose(
-        [LoadSubjectd(protocol=dataset["label_ids"]), MapLabelsd("label", dataset["label_ids"])]
-    )
+    load = transforms.preprocessing(dataset["label_ids"], normalize=False)
     rows = []
     for subject in subjects:
         item = load(subject.as_item())
@@ -177,7 +163,7 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
     dataset = _as_dict(cfg.dataset)
     subjects = cohort.list_subjects(dataset)
     splits = cohort.ensure_splits(run_dir, dataset, subjects)
-    load = LoadSubjectd(protocol=dataset["label_ids"])
+    load = transforms.LoadSubjectd(protocol=dataset["label_ids"])
     for subject in subjects:
         load(subject.as_item())
     return splits

@@ -214,22 +214,45 @@ class HistogramStandardized(MapTransform):
         return out
 
 
+class Pipeline(Compose):
+    """A MONAI ``Compose`` that lets a bad-input error through as itself.
+
+    ``Compose`` re-raises every transform error as ``RuntimeError("applying transform …")``; the
+    user's one-line :class:`subseg.io.InputError` is the useful part, so it is raised instead.
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        """Apply the transforms in order."""
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as exc:
+            found = io.find_input_error(exc)
+            if found is None:
+                raise
+            raise found from None
+
+
 def preprocessing(
-    protocol: label_protocol.LabelSpec | None, standard_landmarks: Sequence[float] | None = None
-) -> Compose:
+    protocol: label_protocol.LabelSpec | None,
+    standard_landmarks: Sequence[float] | None = None,
+    normalize: bool = True,
+) -> Pipeline:
     """The deterministic pipeline every subject goes through before sampling or inference.
 
     Args:
         protocol: the cohort's label protocol (``None`` for unlabelled images).
         standard_landmarks: when given, Nyúl-standardise the z-scored image to these landmarks.
+        normalize: z-score (and standardise); ``False`` keeps the stored intensities.
 
     Returns:
-        A MONAI ``Compose`` taking ``{"image": path, "label": path | None, ...}``.
+        A :class:`Pipeline` (a MONAI ``Compose``) taking
+        ``{"image": path, "label": path | None, ...}``.
     """
     steps: list = [LoadSubjectd(protocol=protocol)]
     if protocol is not None:
         steps.append(MapLabelsd("label", protocol))
-    steps.append(NormalizeIntensityd("image", nonzero=True))
-    if standard_landmarks is not None:
+    if normalize:
+        steps.append(NormalizeIntensityd("image", nonzero=True))
+    if normalize and standard_landmarks is not None:
         steps.append(HistogramStandardized("image", standard_landmarks))
-    return Compose(steps)
+    return Pipeline(steps)

@@ -36,13 +36,14 @@ def test_tables_match_method(column, protocol):
 @pytest.mark.parametrize("column,protocol", [(2, "miccai2012"), (3, "aseg"), (4, "cerebra")])
 def test_mapping_sends_unlisted_ids_to_background(column, protocol):
     listed = [row[column] for row in METHOD_TABLE]
-    unlisted = [v for v in [0, 1, 2, 3, 5, 24, 41, 44, 45, 51, 52, 1000, 2035, -7, 65535]
-                if v not in listed]
+    unlisted = [
+        v for v in [0, 1, 2, 3, 5, 24, 41, 44, 45, 51, 52, 1000, 2035, -7, 65535] if v not in listed
+    ]
     raw = np.array(listed + unlisted, dtype=np.int32).reshape(1, 1, -1)
     mapped = labels.map_to_classes(raw, protocol)
     assert mapped.dtype == np.uint8 and mapped.shape == raw.shape
     assert mapped.ravel()[: len(listed)].tolist() == list(range(1, 15))
-    assert not mapped.ravel()[len(listed):].any()
+    assert not mapped.ravel()[len(listed) :].any()
 
 
 def test_float_labels_are_rounded():

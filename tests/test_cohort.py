@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import REPO, write_nifti
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from subseg import cohort, io
+
+
+def _folder_cohort(root, ids, with_labels=True):
+    for sid in ids:
+        write_nifti(
+            root / "images" / f"{sid}.nii.gz", np.random.default_rng(0).uniform(1, 2, (4, 4, 4))
+        )
+        if with_labels:
+            write_nifti(root / "labels" / f"{sid}.nii.gz", np.full((4, 4, 4), 10, np.int16))
+    return root
+
+
+def _dataset(name, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"dataset={name}", *overrides])
+    return OmegaConf.to_container(cfg.dataset, resolve=True)
+
+
+def test_folder_layout_is_discovered(tmp_path):
+    root = _folder_cohort(tmp_path / "cohort", ["b02", "a01", "c03"])
+    (root / "images" / "notes.txt").write_text("ignored")
+    subjects = cohort.list_subjects(_dataset("folder", f"dataset.root={root}"))
+    assert [s.id for s in subjects] == ["a01", "b02", "c03"]
+    assert subjects[0].image == root / "images" / "a01.nii.gz"
+    assert subjects[0].label == root / "labels" / "a01.nii.gz"
+
+
+def test_missing_label_and_empty_root_are_named(tmp_path):
+    root = _folder_cohort(tmp_path / "cohort", ["a01"])
+    write_nifti(root / "images" / "b02.nii.gz", np.ones((4, 4, 4)))
+    with pytest.raises(io.InputError, match="b02.nii.gz: label of subject 'b02' not found"):
+        cohort.list_subjects(_dataset("folder", f"dataset.root={root}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(io.InputError, match="has no images matching images/{id}.nii.gz"):
+        cohort.list_subjects(_dataset("folder", f"dataset.root={tmp_path / 'empty'}"))
+    with pytest.raises(io.InputError, match="does not exist"):
+        cohort.list_subjects(_dataset("folder", f"dataset.root={tmp_path / 'absent'}"))
+
+
+def test_miccai_layout_with_published_split(tmp_path):
+    ds = _dataset("miccai2012", f"dataset.root={tmp_path}")
+    assert len(ds["ids"]) == 35 and len(ds["test_ids"]) == 20
+    train_ids = sorted(set(ds["ids"]) - set(ds["test_ids"]))
+    assert train_ids == [
+        "1000",
+        "1001",
+        "1002",
+        "1006",
+        "1007",
+        "1008",
+        "1009",
+        "1010",
+        "1011",
+        "1012",
+        "1013",
+        "1014",
+        "1015",
+        "1017",
+        "1036",
+    ]
+    for sid in ds["ids"]:
+        part = "testing" if sid in ds["test_ids"] else "training"
+        write_nifti(tmp_path / f"{part}-images" / f"{sid}_3.nii.gz", np.ones((2, 2, 2)))
+        write_nifti(tmp_path / f"{part}-labels" / f"{sid}_3_glm.nii.gz", np.ones((2, 2, 2)))
+    subjects = {s.id: s for s in cohort.list_subjects(ds)}
+    assert subjects["1003"].image == tmp_path / "testing-images" / "1003_3.nii.gz"
+    assert subjects["1000"].label == tmp_path / "training-labels" / "1000_3_glm.nii.gz"
+    splits = cohort.make_splits(list(subjects), ds["test_ids"], val_fraction=0.2, seed=0)
+    assert splits["test"] == sorted(ds["test_ids"])
+    assert sorted(splits["train"] + splits["val"]) == train_ids and len(splits["val"]) == 3
+
+
+def test_ibsr_layout(tmp_path):
+    ds = _dataset("ibsr", f"dataset.root={tmp_path}")
+    for sid in ds["ids"]:
+        write_nifti(tmp_path / f"IBSR_{sid}" / f"IBSR_{sid}_ana_strip.nii.gz", np.ones((2, 2, 2)))
+        write_nifti(tmp_path / f"IBSR_{sid}" / f"IBSR_{sid}_seg_ana.nii.gz", np.ones((2, 2, 2)))
+    subjects = cohort.list_subjects(ds)
+    assert len(subjects) == 18 and subjects[-1].id == "18"
+    assert ds["label_ids"] == "aseg"
+
+
+def test_splits_are_seeded_disjoint_and_complete():
+    ids = [f"x{i:02d}" for i in range(20)]
+    a = cohort.make_splits(ids, test_fraction=0.25, val_fraction=0.2, seed=1)
+    assert a == cohort.make_splits(ids, test_fraction=0.25, val_fraction=0.2, seed=1)
+    assert a != cohort.make_splits(ids, test_fraction=0.25, val_fraction=0.2, seed=2)
+    assert sorted(a["train"] + a["val"] + a["test"]) == ids
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (12, 3, 5)
+    with pytest.raises(ValueError, match="not in the cohort"):
+        cohort.make_splits(ids, test_ids=["y99"])
+
+
+def test_splits_are_written_once(tmp_path):
+    root = _folder_cohort(tmp_path / "cohort", [f"s{i}" for i in range(6)])
+    run = tmp_path / "run"
+    run.mkdir()
+    first = cohort.ensure_splits(run, _dataset("folder", f"dataset.root={root}"))
+    written = json.loads((run / "splits.json").read_text())
+    assert {k: written[k] for k in ("train", "val", "test")} == first
+    again = cohort.ensure_splits(
+        run, _dataset("folder", f"dataset.root={root}", "dataset.split.seed=7")
+    )
+    assert again == first
+
+
+def test_synthetic_datasets_compose_and_generate(tmp_path):
+    ds = _dataset("synth_tiny_target", f"paths.data_dir={tmp_path}")
+    assert ds["root"] == str(tmp_path / "synth" / "synth_tiny_target")
+    assert ds["synth"]["domain"] == "target" and ds["label_ids"] == "aseg"
+    subjects = cohort.list_subjects(ds)
+    assert [s.id for s in subjects] == ["t000", "t001", "t002", "t003"]
+    assert {s.group for s in subjects} == {"ge", "siemens"}
+    full = _dataset("synth_source")
+    assert (
+        full["synth"]["n_subjects"] >= 15 and _dataset("synth_target")["synth"]["n_subjects"] >= 18
+    )

@@ -1,0 +1,120 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, write_nifti
+from hydra import compose, initialize_config_dir
+
+from subseg import io, tasks
+
+TINY = ["dataset@source=synth_tiny_source", "dataset@target=synth_tiny_target"]
+
+
+def _run(script, *overrides, cwd):
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_demo_generates_and_summarises_both_cohorts(tmp_path):
+    result = _run(
+        "demo.py",
+        *TINY,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"output_dir={tmp_path / 'demo'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "demo" / "cohorts.json").read_text())
+    source, target = summary["source"], summary["target"]
+    assert source["n_subjects"] == target["n_subjects"] == 4
+    assert source["orientations"] == ["RAS"] and target["orientations"] == ["LIA"]
+    assert source["intensity_max"][0] > 1000 and target["intensity_max"][1] < 300
+    for cohort_summary in (source, target):
+        volumes = cohort_summary["structure_volumes_mm3"]
+        assert len(volumes) == 14 and all(v["mean"] > 100 for v in volumes.values())
+    text = (tmp_path / "demo" / "cohorts.md").read_text()
+    assert "synth_tiny_target — 4 subjects" in text and "left_putamen" in text
+    assert "left_putamen" in result.stdout
+
+    image = tmp_path / "data" / "synth" / "synth_tiny_source" / "images" / "s000.nii.gz"
+    stamp = image.stat().st_mtime_ns
+    again = _run(
+        "demo.py",
+        *TINY,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"output_dir={tmp_path / 'demo'}",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0
+    assert image.stat().st_mtime_ns == stamp  # the cached cohort was reused
+
+
+@pytest.mark.slow
+def test_train_entry_point_prepares_the_run_folder(tmp_path):
+    result = _run(
+        "train.py",
+        "dataset=synth_tiny_source",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
+    run = tmp_path / "out" / "train" / "synth_tiny_source"
+    assert result.returncode == 3, result.stderr
+    assert "not built yet (issue #4)" in result.stderr
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["test"] == ["s003"] and len(splits["train"]) + len(splits["val"]) == 3
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_from_the_command_line(tmp_path):
+    root = tmp_path / "cohort"
+    image = np.random.default_rng(0).uniform(1, 2, (6, 6, 6)).astype(np.float32)
+    image[1, 2, 3] = np.nan
+    write_nifti(root / "images" / "x1.nii.gz", image)
+    write_nifti(root / "labels" / "x1.nii.gz", np.full((6, 6, 6), 10, np.int16))
+    result = _run(
+        "train.py",
+        "dataset=folder",
+        f"dataset.root={root}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"subseg: error: {root / 'images' / 'x1.nii.gz'}: 1 voxels are NaN or infinite"
+    )
+
+
+def test_cli_errors_unwraps_monai_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info, tasks.cli_errors():
+        try:
+            raise io.InputError("a.nii.gz: empty brain")
+        except io.InputError as exc:
+            raise RuntimeError("applying transform <LoadSubjectd>") from exc
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "subseg: error: a.nii.gz: empty brain\n"
+    with pytest.raises(KeyError), tasks.cli_errors():
+        raise KeyError("a bug, not bad input: keep the traceback")
+
+
+def test_summary_of_a_tiny_cohort(tmp_path):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("demo", overrides=[*TINY, f"paths.data_dir={tmp_path}"])
+    summary = tasks.summarize_cohort(cfg.target)
+    assert summary["groups"] == {"ge": 3, "siemens": 1}
+    assert summary["voxel_mm"] == [(2.3438, 2.3438, 3.75)]
+    first = summary["subjects"][0]
+    voxel = 2.34375 * 2.34375 * 3.75
+    raw = io.load_label(tmp_path / "synth" / "synth_tiny_target" / "labels" / "t000.nii.gz")
+    assert first["volumes_mm3"]["left_thalamus"] == pytest.approx((raw.data == 10).sum() * voxel)
+    assert "| left_thalamus |" in tasks.format_summary(summary)

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+from conftest import affine_for, write_nifti
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+
+from subseg import io, labels, transforms
+
+
+def _subject(tiny_cohorts, domain="target"):
+    root = tiny_cohorts[domain]
+    return {
+        "image": str(root / "images" / "t000.nii.gz"),
+        "label": str(root / "labels" / "t000.nii.gz"),
+    }
+
+
+def test_loader_matches_monai_orientation(tiny_cohorts):
+    item = _subject(tiny_cohorts)
+    ours = transforms.LoadSubjectd(protocol="aseg")(item)
+    monai = Compose(
+        [
+            LoadImaged(["image", "label"], image_only=True),
+            EnsureChannelFirstd(["image", "label"]),
+            Orientationd(["image", "label"], axcodes="RAS"),
+        ]
+    )(item)
+    for key in ("image", "label"):
+        assert ours[key].shape == monai[key].shape
+        np.testing.assert_array_equal(ours[key].numpy(), monai[key].numpy())
+        np.testing.assert_allclose(ours[key].affine.numpy(), monai[key].affine.numpy(), atol=1e-5)
+    assert ours["image"].meta["filename_or_obj"] == item["image"]
+    np.testing.assert_allclose(
+        np.abs(np.diag(ours["image"].affine.numpy())[:3]), [2.34375, 3.75, 2.34375]
+    )
+
+
+def test_preprocessing_pipeline(tiny_cohorts):
+    out = transforms.preprocessing("aseg")(_subject(tiny_cohorts))
+    image, label = out["image"], out["label"]
+    assert image.shape == label.shape and image.shape[0] == 1
+    assert label.dtype == torch.uint8 and set(torch.unique(label).tolist()) == set(range(15))
+    brain = image[image != 0]
+    assert abs(float(brain.mean())) < 1e-3 and abs(float(brain.std()) - 1) < 1e-2
+    # Structures lie inside the brain, not in the zero background.
+    assert bool((image[label > 0] != 0).all())
+
+
+def test_pipeline_error_names_the_file(tmp_path, tiny_cohorts):
+    item = _subject(tiny_cohorts)
+    item["label"] = str(write_nifti(tmp_path / "small.nii.gz", np.zeros((3, 3, 3), np.int16)))
+    with pytest.raises(io.InputError, match="small.nii.gz: label grid"):
+        transforms.LoadSubjectd(protocol="aseg")(item)
+
+
+def test_map_labels_on_tensors_and_arrays():
+    raw = np.array([[[49, 10, 2, 4, 58]]])
+    expected = [[[1, 2, 0, 0, 13]]]
+    assert transforms.MapLabels("aseg")(raw).tolist() == expected
+    assert transforms.MapLabels("aseg")(torch.as_tensor(raw)).tolist() == expected
+    out = transforms.MapLabelsd("label", "aseg")({"label": raw, "image": 1})
+    assert out["label"].tolist() == expected and out["image"] == 1
+
+
+def _scanner(values, curve):
+    image = np.zeros(values.size + 500, dtype=np.float32)
+    image[: values.size] = curve(values)
+    return image
+
+
+def test_nyul_standardisation_aligns_histograms():
+    rng = np.random.default_rng(0)
+    tissue = rng.gamma(4.0, 1.0, 20000) + 0.5
+    reference = [_scanner(tissue * s, lambda v: v) for s in (10.0, 11.0, 12.0)]
+    standard = transforms.learn_standard_scale(reference)
+    other = _scanner(tissue, lambda v: 3.0 * v**1.7 + 2.0)  # another scanner's contrast curve
+
+    before = transforms.nyul_landmarks(other)
+    out = transforms.HistogramStandardize(standard)(other)
+    after = transforms.nyul_landmarks(out)
+    np.testing.assert_allclose(after, standard, rtol=2e-3)
+    assert np.abs(before - standard).max() > 10 * np.abs(after - standard).max()
+    assert not out[tissue.size :].any()  # background stays zero
+    # Monotone: the order of voxel intensities is kept.
+    order = np.argsort(other[: tissue.size])
+    assert np.all(np.diff(out[: tissue.size][order]) >= -1e-4)
+
+
+def test_nyul_in_the_pipeline(tiny_cohorts):
+    source = tiny_cohorts["source"]
+    zscored = [
+        transforms.preprocessing(None)({"image": str(p)})["image"]
+        for p in sorted((source / "images").glob("*.nii.gz"))
+    ]
+    standard = transforms.learn_standard_scale(zscored)
+    out = transforms.preprocessing("aseg", standard)(_subject(tiny_cohorts))
+    np.testing.assert_allclose(transforms.nyul_landmarks(out["image"]), standard, atol=1e-2)
+
+
+def test_rejects_bad_landmarks():
+    with pytest.raises(ValueError, match="increase"):
+        transforms.HistogramStandardize([3.0, 2.0, 1.0], percentiles=(1, 50, 99))
+
+
+def test_label_protocol_is_checked_on_load(tmp_path):
+    affine = affine_for("LAS")
+    img = write_nifti(
+        tmp_path / "i.nii.gz", np.random.default_rng(0).uniform(1, 2, (6, 6, 6)), affine
+    )
+    lab = write_nifti(tmp_path / "l.nii.gz", np.full((6, 6, 6), 59, np.int16), affine)
+    item = {"image": str(img), "label": str(lab)}
+    with pytest.raises(io.InputError, match="none of the 14 structure ids of aseg"):
+        transforms.preprocessing("aseg")(item)
+    out = transforms.preprocessing("miccai2012")(item)
+    assert set(torch.unique(out["label"]).tolist()) == {labels.class_of("right_thalamus")}
