@@ -80,6 +80,10 @@ def _read_groups(root: Path) -> dict[str, str]:
 
 def prepare(dataset: Mapping) -> Path:
     """Make sure a cohort exists on disk (generating a synthetic one if needed); return its root."""
+    if dataset.get("root") in (None, "", "???"):
+        raise io.InputError(
+            f"dataset '{dataset.get('name')}' has no root folder: add dataset.root=/path/to/cohort"
+        )
     root = Path(dataset["root"]).expanduser()
     spec = dataset.get("synth")
     if spec:

@@ -26,11 +26,15 @@ class InputError(ValueError):
     """A user's input file is unusable; the message is one line that names the file."""
 
 
-def find_input_error(exc: BaseException | None) -> InputError | None:
-    """Return the :class:`InputError` behind ``exc`` (MONAI wraps transform errors), if any."""
+USER_ERRORS = (InputError, label_protocol.LabelSpecError)
+"""Errors caused by a user's files or settings: reported as one line, never as a traceback."""
+
+
+def find_input_error(exc: BaseException | None) -> ValueError | None:
+    """Return the user error (:data:`USER_ERRORS`) behind ``exc`` — MONAI wraps them — if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, InputError):
+        if isinstance(exc, USER_ERRORS):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

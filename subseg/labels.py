@@ -58,6 +58,10 @@ def mirror_class(cls: int) -> int:
 LabelSpec = str | Mapping[str, int | Sequence[int]]
 
 
+class LabelSpecError(ValueError):
+    """A label protocol name or mapping (a user's configuration) is unusable."""
+
+
 def raw_ids(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
     """Resolve a label protocol to the raw ids of each of the 14 structures.
 
@@ -69,17 +73,17 @@ def raw_ids(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
         Structure name → tuple of raw ids, in output-class order.
 
     Raises:
-        ValueError: unknown protocol, a structure missing from the mapping, an unknown structure
+        LabelSpecError: unknown protocol, a structure missing from the mapping, an unknown structure
             name, or one raw id given to two structures.
     """
     if isinstance(spec, str):
         if spec not in PROTOCOLS:
-            raise ValueError(f"unknown label protocol {spec!r}; choose one of {PROTOCOLS}")
+            raise LabelSpecError(f"unknown label protocol {spec!r}; choose one of {PROTOCOLS}")
         spec = _tables()["protocols"][spec]
     unknown = set(spec) - set(STRUCTURES)
     missing = [s for s in STRUCTURES if s not in spec]
     if unknown or missing:
-        raise ValueError(
+        raise LabelSpecError(
             f"label mapping must name exactly the 14 structures; unknown {sorted(unknown)}, "
             f"missing {missing}"
         )
@@ -89,7 +93,7 @@ def raw_ids(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
         table[name] = tuple(int(i) for i in (ids if isinstance(ids, Sequence) else [ids]))
     flat = [i for ids in table.values() for i in ids]
     if len(flat) != len(set(flat)):
-        raise ValueError(f"a raw id is given to two structures: {table}")
+        raise LabelSpecError(f"a raw id is given to two structures: {table}")
     return table
 
 

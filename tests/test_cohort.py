@@ -42,6 +42,8 @@ def test_missing_label_and_empty_root_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(io.InputError, match="has no images matching images/{id}.nii.gz"):
         cohort.list_subjects(_dataset("folder", f"dataset.root={tmp_path / 'empty'}"))
+    with pytest.raises(io.InputError, match="has no root folder: add dataset.root="):
+        cohort.list_subjects(_dataset("folder"))
     with pytest.raises(io.InputError, match="does not exist"):
         cohort.list_subjects(_dataset("folder", f"dataset.root={tmp_path / 'absent'}"))
 

@@ -59,13 +59,13 @@ def test_explicit_mapping_with_split_structures():
 
 
 def test_bad_mappings_are_rejected():
-    with pytest.raises(ValueError, match="unknown label protocol"):
+    with pytest.raises(labels.LabelSpecError, match="unknown label protocol"):
         labels.raw_ids("freesurfer7")
     partial = {"right_thalamus": 1}
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(labels.LabelSpecError, match="missing"):
         labels.raw_ids(partial)
     clash = {name: 1 for name in labels.STRUCTURES}
-    with pytest.raises(ValueError, match="two structures"):
+    with pytest.raises(labels.LabelSpecError, match="two structures"):
         labels.raw_ids(clash)
 
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, write_nifti
 from hydra import compose, initialize_config_dir
 
-from subseg import io, tasks
+from subseg import io, labels, tasks
 
 TINY = ["dataset@source=synth_tiny_source", "dataset@target=synth_tiny_target"]
 
@@ -103,6 +103,9 @@ def test_cli_errors_unwraps_monai_errors(capsys):
             raise RuntimeError("applying transform <LoadSubjectd>") from exc
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "subseg: error: a.nii.gz: empty brain\n"
+    with pytest.raises(SystemExit), tasks.cli_errors():
+        labels.raw_ids({"right_thalamus": 49})
+    assert capsys.readouterr().err.startswith("subseg: error: label mapping must name exactly")
     with pytest.raises(KeyError), tasks.cli_errors():
         raise KeyError("a bug, not bad input: keep the traceback")
 
