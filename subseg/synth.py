@@ -22,8 +22,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -465,7 +468,9 @@ def _group_of(spec: DomainSpec, n_subjects: int, index: int) -> ScannerGroup:
     return spec.groups[int(np.searchsorted(bounds, index, side="right"))]
 
 
-def ensure_cohort(root: str | Path, params: CohortParams, progress: bool = True) -> Path:
+def ensure_cohort(
+    root: str | Path, params: CohortParams, progress: bool = True, workers: int | None = None
+) -> Path:
     """Generate a synthetic cohort under ``root`` unless the same parameters are cached there.
 
     Every file is written atomically and subjects already present are kept, so an interrupted
@@ -475,6 +480,7 @@ def ensure_cohort(root: str | Path, params: CohortParams, progress: bool = True)
         root: the cohort folder (``images/``, ``labels/``, ``subjects.csv``, ``synth.json``).
         params: generation parameters.
         progress: show a progress bar.
+        workers: processes generating subjects in parallel (default: one per CPU core).
 
     Returns:
         ``root``.
@@ -506,14 +512,19 @@ def ensure_cohort(root: str | Path, params: CohortParams, progress: bool = True)
 
     groups = {}
     todo = [i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid)]
-    for i in _progress(todo, f"synthetic {params.domain} cohort", progress):
-        subject = generate_subject(params, i)
-        io.save_new(
-            subject["image"], subject["affine"], root / "images" / f"{subject['id']}.nii.gz"
-        )
-        io.save_new(
-            subject["labels"], subject["affine"], root / "labels" / f"{subject['id']}.nii.gz"
-        )
+    workers = max(1, min(len(todo), workers or os.cpu_count() or 1))
+    description = f"synthetic {params.domain} cohort"
+    if workers == 1:
+        for i in _progress(todo, description, progress, len(todo)):
+            _write_subject(root, params, i)
+    else:
+        # Subjects are independent and numpy/scipy resampling runs on one core: one process per
+        # core. "spawn" keeps workers free of whatever threads the parent (torch) has started.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_write_subject, root, params, i) for i in todo]
+            for future in _progress(as_completed(futures), description, progress, len(todo)):
+                future.result()
     spec = params.spec
     for i, sid in enumerate(params.subject_ids()):
         groups[sid] = _group_of(spec, params.n_subjects, i).name
@@ -525,6 +536,12 @@ def ensure_cohort(root: str | Path, params: CohortParams, progress: bool = True)
     with io.atomic_path(manifest_path) as tmp:
         tmp.write_text(json.dumps({**manifest, "complete": True}, indent=2))
     return root
+
+
+def _write_subject(root: Path, params: CohortParams, index: int) -> None:
+    subject = generate_subject(params, index)
+    for key, folder in (("image", "images"), ("labels", "labels")):
+        io.save_new(subject[key], subject["affine"], root / folder / f"{subject['id']}.nii.gz")
 
 
 def _subject_done(root: Path, sid: str) -> bool:
@@ -539,12 +556,12 @@ def _complete(root: Path, params: CohortParams) -> bool:
     )
 
 
-def _progress(items, description: str, enabled: bool):
-    if not enabled or not items:
+def _progress(items, description: str, enabled: bool, total: int):
+    if not enabled or not total:
         return items
     from rich.progress import track
 
-    return track(items, description=description)
+    return track(items, description=description, total=total)
 
 
 def main(argv: list[str] | None = None) -> None:

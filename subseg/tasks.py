@@ -14,9 +14,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import cohort, io, transforms
+from subseg import cohort, io, overlay, transforms
 from subseg import labels as label_protocol
 
 
@@ -124,10 +125,40 @@ def format_summary(summary: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def demo(cfg: DictConfig) -> dict:
-    """Generate (or reuse) the synthetic source and target cohorts and summarise them.
+def preview_cohorts(datasets: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Write a PNG with one subject per cohort and scanner group, structures overlaid.
 
-    Writes ``<output_dir>/cohorts.json`` and ``<output_dir>/cohorts.md``.
+    Args:
+        datasets: role (e.g. ``source``) → ``conf/dataset`` entry.
+        path: the PNG to write.
+
+    Returns:
+        The path written.
+    """
+    rows = []
+    for role, dataset in datasets.items():
+        dataset = _as_dict(dataset)
+        load = transforms.preprocessing(dataset["label_ids"], normalize=False)
+        firsts = {}
+        for subject in cohort.list_subjects(dataset):
+            firsts.setdefault(subject.group, subject)
+        for group, subject in firsts.items():
+            item = load(subject.as_item())
+            label = None if item.get("label") is None else item["label"][0].numpy()
+            spacing = item["image"].meta["spacing"]
+            title = f"{role} {dataset['name']} {subject.id}" + (f" ({group})" if group else "")
+            rows.append((item["image"][0].numpy(), label, spacing, title))
+    fig = Figure(figsize=(10, 3.3 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for row_axes, (image, label, spacing, title) in zip(axes, rows, strict=True):
+        overlay.draw_row(row_axes, image, label, spacing, title)
+    return overlay.save_figure(fig, path)
+
+
+def demo(cfg: DictConfig) -> dict:
+    """Generate (or reuse) the synthetic source and target cohorts, summarise and preview them.
+
+    Writes ``cohorts.json``, ``cohorts.md`` and ``cohorts.png`` to ``cfg.output_dir``.
 
     Args:
         cfg: the composed ``conf/demo.yaml``.
@@ -145,8 +176,10 @@ def demo(cfg: DictConfig) -> dict:
         tmp.write_text(json.dumps(summaries, indent=2))
     with io.atomic_path(out_dir / "cohorts.md") as tmp:
         tmp.write_text(text)
+    preview_cohorts({role: cfg[role] for role in ("source", "target")}, out_dir / "cohorts.png")
     print(text)
-    print(f"written: {out_dir / 'cohorts.md'}, {out_dir / 'cohorts.json'}")
+    written = ", ".join(str(out_dir / f"cohorts.{ext}") for ext in ("md", "json", "png"))
+    print(f"written: {written}")
     return summaries
 
 

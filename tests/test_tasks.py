@@ -43,6 +43,7 @@ def test_demo_generates_and_summarises_both_cohorts(tmp_path):
     text = (tmp_path / "demo" / "cohorts.md").read_text()
     assert "synth_tiny_target — 4 subjects" in text and "left_putamen" in text
     assert "left_putamen" in result.stdout
+    assert (tmp_path / "demo" / "cohorts.png").stat().st_size > 10_000
 
     image = tmp_path / "data" / "synth" / "synth_tiny_source" / "images" / "s000.nii.gz"
     stamp = image.stat().st_mtime_ns
