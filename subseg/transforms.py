@@ -20,7 +20,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, NormalizeIntensityd, Transform
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_data_type, convert_to_dst_type
 
 from subseg import io
 from subseg import labels as label_protocol
@@ -89,13 +89,9 @@ class MapLabels(Transform):
 
     def __call__(self, label):
         """Return the class map, same container type as ``label``."""
-        array = (
-            label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-        )
+        array, *_ = convert_data_type(label, np.ndarray)
         classes = label_protocol.map_to_classes(array, self.protocol)
-        out, *_ = convert_to_dst_type(
-            classes, label, dtype=torch.uint8 if isinstance(label, torch.Tensor) else np.uint8
-        )
+        out, *_ = convert_to_dst_type(classes, label, dtype=np.uint8)
         return out
 
 
@@ -122,7 +118,7 @@ class MapLabelsd(MapTransform):
 
 def nyul_landmarks(image, percentiles: Sequence[float] = NYUL_PERCENTILES) -> np.ndarray:
     """Intensity landmarks (percentiles) of an image's non-zero (brain) voxels."""
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    array, *_ = convert_data_type(image, np.ndarray)
     brain = array[array != 0]
     if brain.size == 0:
         raise ValueError("cannot compute histogram landmarks of an empty image")
@@ -172,9 +168,7 @@ class HistogramStandardize(Transform):
 
     def __call__(self, image):
         """Return the standardised image, same container type as ``image``."""
-        array = (
-            image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        )
+        array, *_ = convert_data_type(image, np.ndarray)
         source = nyul_landmarks(array, self.percentiles)
         source = np.maximum.accumulate(source + np.arange(source.size) * 1e-9)  # strictly rising
         mask = array != 0
@@ -187,9 +181,7 @@ class HistogramStandardize(Transform):
         mapped[above] = self.standard[-1] + (values[above] - source[-1]) * high_slope
         result = np.zeros_like(array, dtype=np.float32)
         result[mask] = mapped
-        out, *_ = convert_to_dst_type(
-            result, image, dtype=torch.float32 if isinstance(image, torch.Tensor) else np.float32
-        )
+        out, *_ = convert_to_dst_type(result, image, dtype=np.float32)
         return out
 
 
