@@ -89,7 +89,7 @@ def summarize_cohort(dataset: Mapping) -> dict:
             volumes[name] = {"mean": float(values.mean()), "std": float(values.std())}
     return {
         "name": dataset.get("name"),
-        "root": str(cohort.prepare(dataset)),
+        "root": str(dataset["root"]),
         "n_subjects": len(rows),
         "groups": dict(Counter(r["group"] for r in rows if r["group"])),
         "orientations": sorted({r["orientation"] for r in rows}),
