@@ -65,6 +65,7 @@ def draw_row(
     classes: np.ndarray | None,
     spacing: Sequence[float],
     title: str = "",
+    outline: np.ndarray | None = None,
 ) -> None:
     """Draw one subject's three orthogonal slices into three matplotlib axes.
 
@@ -74,12 +75,17 @@ def draw_row(
         classes: canonical class map (0..14) or ``None``.
         spacing: voxel size along the canonical axes, in mm.
         title: put before the plane name.
+        outline: optional boolean mask (e.g. the ROI) drawn as a yellow contour.
     """
     palette = _palette()
     nonzero = image[image != 0]
     low, high = np.percentile(nonzero, [1, 99.5]) if nonzero.size else (0, 1)
-    for ax, (img, cls, axis), plane in zip(
-        axes, slice_planes(image, classes, structure_centre(classes, image)), PLANES, strict=True
+    centre = structure_centre(classes, image)
+    outlines = (
+        [None] * 3 if outline is None else [c for _, c, _ in slice_planes(image, outline, centre)]
+    )
+    for ax, (img, cls, axis), plane, edge in zip(
+        axes, slice_planes(image, classes, centre), PLANES, outlines, strict=True
     ):
         shown = [a for a in range(3) if a != axis]  # columns = shown[0], rows = shown[1]
         aspect = spacing[shown[1]] / spacing[shown[0]]
@@ -94,6 +100,8 @@ def draw_row(
                 aspect=aspect,
                 interpolation="nearest",
             )
+        if edge is not None and edge.any() and not edge.all():
+            ax.contour(edge.astype(float), levels=[0.5], colors="yellow", linewidths=0.7)
         ax.set_title(f"{title} {plane}".strip(), fontsize=8)
         ax.axis("off")
 
@@ -104,6 +112,7 @@ def save_overlay(
     spacing: Sequence[float],
     path: str | Path,
     title: str = "",
+    outline: np.ndarray | None = None,
 ) -> Path:
     """Write a PNG of one subject's three orthogonal slices with the structures overlaid.
 
@@ -113,13 +122,14 @@ def save_overlay(
         spacing: voxel size along the canonical axes, in mm.
         path: PNG to write (atomically).
         title: figure title.
+        outline: optional boolean mask drawn as a contour.
 
     Returns:
         The path written.
     """
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 3)
-    draw_row(axes, image, classes, spacing)
+    draw_row(axes, image, classes, spacing, outline=outline)
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

