@@ -53,12 +53,14 @@ class Registration:
         transform: ANTs ``type_of_transform`` (``SyN`` = affine then SyN; ``Affine``; …).
         threads: ITK threads; 0 = every core. ITK reads it once per process, at first use.
         seed: ANTs random seed (metric sampling).
+        iterations: SyN iterations per level, coarse to fine (levels shrink 4×, 2×, 1×).
     """
 
     resolution_mm: float = 2.0
     transform: str = "SyN"
     threads: int = 0
     seed: int = 0
+    iterations: tuple[int, ...] = (40, 20, 10)
 
 
 @dataclass
@@ -318,7 +320,10 @@ def load_source(
 
 def registration_of(cfg: Mapping) -> Registration:
     """The :class:`Registration` settings of an ``atlas`` config."""
-    return Registration(**dict(cfg.get("registration") or {}))
+    settings = dict(cfg.get("registration") or {})
+    if "iterations" in settings:
+        settings["iterations"] = tuple(settings["iterations"])
+    return Registration(**settings)
 
 
 # --------------------------------------------------------------------------- registration
@@ -354,7 +359,11 @@ def _register(ants, fixed, moving, registration: Registration, work: Path) -> li
     # ANTsPy's only seed hook besides set_ants_deterministic(), which also forces one thread.
     ants.config._random_seed = registration.seed
     result = ants.registration(
-        fixed_low, moving_low, type_of_transform=registration.transform, outprefix=str(work / "t_")
+        fixed_low,
+        moving_low,
+        type_of_transform=registration.transform,
+        reg_iterations=tuple(registration.iterations),
+        outprefix=str(work / "t_"),
     )
     return result["fwdtransforms"]
 
