@@ -10,7 +10,7 @@ STAMP := $(VENV)/.subseg-installed
 #   make demo TORCH_SPEC="torch==2.13.0+cpu"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast lint format clean bench
 
 install: $(STAMP)
 
@@ -39,3 +39,6 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

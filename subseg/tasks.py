@@ -16,8 +16,9 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
 
-from subseg import cohort, io, overlay, transforms
+from subseg import atlas, cohort, io, overlay, transforms
 from subseg import labels as label_protocol
 
 
@@ -184,21 +185,34 @@ def demo(cfg: DictConfig) -> dict:
 
 
 def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
-    """Set up a run folder: the cohort on disk, its splits drawn once, every subject validated.
+    """Set up a run folder: cohort on disk, splits drawn once, every subject checked and primed.
+
+    Each subject's files are checked and its atlas prior computed (cached beside the subject),
+    with a QC overlay in ``run_dir/qc/``; ``atlas=source_labels`` is built in ``run_dir/atlas``
+    from the training split.
 
     Args:
-        cfg: a composed task config with a ``dataset`` entry.
+        cfg: a composed task config with ``dataset`` and ``atlas`` entries.
         run_dir: the run folder (Hydra's output directory).
 
     Returns:
         The splits written to ``run_dir/splits.json``.
     """
+    run_dir = Path(run_dir)
     dataset = _as_dict(cfg.dataset)
+    atlas_cfg = _as_dict(cfg.atlas)
+    protocol = dataset["label_ids"]
     subjects = cohort.list_subjects(dataset)
     splits = cohort.ensure_splits(run_dir, dataset, subjects)
-    load = transforms.LoadSubjectd(protocol=dataset["label_ids"])
-    for subject in subjects:
-        load(subject.as_item())
+    check = transforms.LoadSubjectd(protocol=protocol)
+    for subject in subjects:  # every file first: a bad one fails before minutes of registration
+        check(subject.as_item())
+    training = [s for s in subjects if s.id in set(splits["train"])]
+    source = atlas.load_source(atlas_cfg, training, protocol, build_dir=run_dir / "atlas")
+    for subject in track(subjects, description=f"atlas prior ({atlas_cfg['name']})"):
+        image = io.load_image(subject.image)
+        prior = atlas.subject_prior(image, atlas_cfg, source)
+        atlas.save_prior_qc(image, prior, run_dir / "qc" / f"{subject.id}_prior.png")
     return splits
 
 

@@ -63,6 +63,7 @@ def test_train_entry_point_prepares_the_run_folder(tmp_path):
     result = _run(
         "train.py",
         "dataset=synth_tiny_source",
+        "atlas=none",
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.output_dir={tmp_path / 'out'}",
         cwd=tmp_path,
@@ -73,6 +74,7 @@ def test_train_entry_point_prepares_the_run_folder(tmp_path):
     splits = json.loads((run / "splits.json").read_text())
     assert splits["test"] == ["s003"] and len(splits["train"]) + len(splits["val"]) == 3
     assert (run / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "qc").iterdir()) == [f"s00{i}_prior.png" for i in range(4)]
 
 
 @pytest.mark.slow
