@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -168,3 +171,14 @@ def test_quality_check_png(ho_run, tmp_path):
     _, _, image, _, prior = ho_run
     out = atlas.save_prior_qc(image, prior, tmp_path / "qc.png")
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_itk_threads_follow_the_setting():
+    code = (
+        "import os, sys; from subseg import atlas; "
+        "assert 'ants' not in sys.modules; atlas._ants(1); "
+        "print(os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'], 'ants' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["1", "True"], out.stderr
