@@ -1,0 +1,145 @@
+"""Exact dense (fully convolutional) evaluation of the patch network (METHOD.md §3).
+
+A path's dense 540 → 180 layer is a 3×3 convolution on the stride-4 grid, so the whole path can
+run over entire slices. With the à trous conversion — pool1 2×2 at stride 1, conv3/conv4 with
+dilation 2, pool2 2×2 with dilation 2 at stride 1, conv5 and the dense layer (as a 3×3 conv)
+with dilation 4 — every output pixel equals the patch network's output for the patch centred
+there, borders included (slices padded 16 before and 15 after, as patches are). BatchNorm is
+folded into the convolutions on the fly from the model's own parameters and running statistics:
+no weight copy exists that could drift from the model. The head is a per-voxel network.
+
+Per voxel this costs ≈20× fewer multiply-adds than patches (METHOD.md §3) and never
+materialises the N×3×32×32 patch tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from subseg.model import PATH_FEATURES, VIEWS, PathNet, SubcorticalNet
+from subseg.patches import AFTER, BEFORE, VIEW_AXES, pad_volume
+
+
+def _folded(block: torch.nn.Sequential) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, bias, PReLU slopes) of a conv + BatchNorm (eval) + PReLU block, BN folded in."""
+    conv, norm, act = block
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    weight = conv.weight * scale[:, None, None, None]
+    bias = norm.bias - norm.running_mean * scale
+    return weight, bias, act.weight
+
+
+def path_dense(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
+    """Evaluate one path densely.
+
+    Args:
+        path: a path of the network, in eval mode.
+        slices: B×1×(H+31)×(W+31) slices, padded 16 before and 15 after in-plane.
+
+    Returns:
+        B×180×H×W: pixel (i, j) holds the path's output for the patch centred on (i, j).
+    """
+    if path.training:
+        raise RuntimeError("dense evaluation needs eval mode (BatchNorm statistics, no dropout)")
+    x = slices
+    dilations = (1, 1, 2, 2, 4)
+    for index, (block, dilation) in enumerate(zip(path.conv_blocks(), dilations, strict=True)):
+        weight, bias, slope = _folded(block)
+        x = F.prelu(F.conv2d(x, weight, bias, dilation=dilation), slope)
+        if index == 1:
+            x = F.max_pool2d(x, 2, stride=1)
+        elif index == 3:
+            x = F.max_pool2d(x, 2, stride=1, dilation=2)
+    weight = path.dense.weight.view(PATH_FEATURES, -1, 3, 3)
+    return F.prelu(F.conv2d(x, weight, path.dense.bias, dilation=4), path.dense_act.weight)
+
+
+def _box(roi: torch.Tensor) -> tuple[slice, slice, slice]:
+    index = torch.nonzero(roi)
+    low, high = index.min(dim=0).values, index.max(dim=0).values + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+
+
+@torch.no_grad()
+def dense_path_features(
+    model: SubcorticalNet, volume: torch.Tensor, roi: torch.Tensor, slices_per_batch: int = 4
+) -> torch.Tensor:
+    """The concatenated path features (N×540) of every ROI voxel, evaluated densely.
+
+    Each view runs over the slices of the ROI's bounding box along its own axis; only slices
+    that hold ROI voxels are computed, and only ROI voxels are kept.
+
+    Args:
+        model: the network, in eval mode.
+        volume: X×Y×Z z-scored volume (canonical orientation).
+        roi: X×Y×Z boolean mask of the voxels to evaluate.
+        slices_per_batch: slices evaluated together (memory vs. speed).
+
+    Returns:
+        N×540 features in the order of ``torch.nonzero(roi)`` (axial, coronal, sagittal blocks).
+    """
+    device = next(model.parameters()).device
+    volume = volume.to(device=device, dtype=torch.float32)
+    roi = roi.to(device=device, dtype=torch.bool)
+    padded = pad_volume(volume)
+    box = _box(roi)
+    rows = torch.full(roi.shape, -1, dtype=torch.long, device=device)
+    rows[roi] = torch.arange(int(roi.sum()), device=device)
+    rows = rows[box]
+    out = torch.empty((int(roi.sum()), PATH_FEATURES * len(VIEWS)), device=device)
+    # The box in padded coordinates, with the in-plane context of every patch.
+    window = [slice(s.start, s.stop + BEFORE + AFTER) for s in box]
+    for v, view in enumerate(VIEWS):
+        fixed = VIEW_AXES[view][0]
+        path = model.paths[view]
+        # Moving the fixed axis first leaves (row, column) in ascending axis order, as patches.
+        region = padded[tuple(slice(None) if a == fixed else window[a] for a in range(3))]
+        targets_all = rows.movedim(fixed, 0)
+        present = torch.nonzero((targets_all >= 0).flatten(1).any(dim=1)).flatten()
+        for chosen in present.split(slices_per_batch):
+            index = chosen + box[fixed].start + BEFORE
+            block = torch.index_select(region, fixed, index).movedim(fixed, 0)
+            features = path_dense(path, block[:, None])  # B×180×H×W
+            targets = targets_all[chosen]  # B×H×W row numbers, -1 outside the ROI
+            keep = targets >= 0
+            columns = slice(v * PATH_FEATURES, (v + 1) * PATH_FEATURES)
+            out[targets[keep], columns] = features.permute(0, 2, 3, 1)[keep]
+    return out
+
+
+@torch.no_grad()
+def dense_probabilities(
+    model: SubcorticalNet,
+    volume: torch.Tensor,
+    roi: torch.Tensor,
+    atlas: torch.Tensor,
+    slices_per_batch: int = 4,
+    voxels_per_batch: int = 65536,
+) -> torch.Tensor:
+    """Class probabilities (N×15) of every ROI voxel, evaluated densely.
+
+    Args:
+        model: the network, in eval mode.
+        volume: X×Y×Z z-scored volume (canonical orientation).
+        roi: X×Y×Z boolean mask.
+        atlas: N×15 atlas prior of the ROI voxels (order of ``torch.nonzero(roi)``, background
+            first).
+        slices_per_batch: slices per path evaluation.
+        voxels_per_batch: voxels per head evaluation.
+
+    Returns:
+        N×15 softmax probabilities, background first.
+    """
+    features = dense_path_features(model, volume, roi, slices_per_batch)
+    atlas = atlas.to(features.device, torch.float32)
+    return torch.cat(
+        [
+            torch.softmax(model.head(chunk, atlas[i : i + voxels_per_batch]), dim=1)
+            for i, chunk in zip(
+                range(0, len(features), voxels_per_batch),
+                features.split(voxels_per_batch),
+                strict=True,
+            )
+        ]
+    )
