@@ -55,26 +55,20 @@ def path_dense(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
     return F.prelu(F.conv2d(x, weight, path.dense.bias, dilation=4), path.dense_act.weight)
 
 
-def _box(roi: torch.Tensor) -> tuple[slice, slice, slice]:
-    index = torch.nonzero(roi)
-    low, high = index.min(dim=0).values, index.max(dim=0).values + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
-
-
 @torch.no_grad()
 def dense_path_features(
-    model: SubcorticalNet, volume: torch.Tensor, roi: torch.Tensor, slices_per_batch: int = 4
+    model: SubcorticalNet, volume: torch.Tensor, roi: torch.Tensor
 ) -> torch.Tensor:
     """The concatenated path features (N×540) of every ROI voxel, evaluated densely.
 
-    Each view runs over the slices of the ROI's bounding box along its own axis; only slices
-    that hold ROI voxels are computed, and only ROI voxels are kept.
+    Each view runs over the volume's slices along its own axis, one slice at a time, each
+    cropped to the bounding box of its ROI voxels (plus the patch context); slices without ROI
+    voxels are skipped and only ROI voxels are kept.
 
     Args:
         model: the network, in eval mode.
         volume: X×Y×Z z-scored volume (canonical orientation).
         roi: X×Y×Z boolean mask of the voxels to evaluate.
-        slices_per_batch: slices evaluated together (memory vs. speed).
 
     Returns:
         N×540 features in the order of ``torch.nonzero(roi)`` (axial, coronal, sagittal blocks).
@@ -83,29 +77,34 @@ def dense_path_features(
     volume = volume.to(device=device, dtype=torch.float32)
     roi = roi.to(device=device, dtype=torch.bool)
     padded = pad_volume(volume)
-    box = _box(roi)
     rows = torch.full(roi.shape, -1, dtype=torch.long, device=device)
     rows[roi] = torch.arange(int(roi.sum()), device=device)
-    rows = rows[box]
     out = torch.empty((int(roi.sum()), PATH_FEATURES * len(VIEWS)), device=device)
-    # The box in padded coordinates, with the in-plane context of every patch.
-    window = [slice(s.start, s.stop + BEFORE + AFTER) for s in box]
+    context = BEFORE + AFTER
     for v, view in enumerate(VIEWS):
         fixed = VIEW_AXES[view][0]
         path = model.paths[view]
+        columns = slice(v * PATH_FEATURES, (v + 1) * PATH_FEATURES)
         # Moving the fixed axis first leaves (row, column) in ascending axis order, as patches.
-        region = padded[tuple(slice(None) if a == fixed else window[a] for a in range(3))]
-        targets_all = rows.movedim(fixed, 0)
-        present = torch.nonzero((targets_all >= 0).flatten(1).any(dim=1)).flatten()
-        for chosen in present.split(slices_per_batch):
-            index = chosen + box[fixed].start + BEFORE
-            block = torch.index_select(region, fixed, index).movedim(fixed, 0)
-            features = path_dense(path, block[:, None])  # B×180×H×W
-            targets = targets_all[chosen]  # B×H×W row numbers, -1 outside the ROI
-            keep = targets >= 0
-            columns = slice(v * PATH_FEATURES, (v + 1) * PATH_FEATURES)
-            out[targets[keep], columns] = features.permute(0, 2, 3, 1)[keep]
+        planes, targets = padded.movedim(fixed, 0), rows.movedim(fixed, 0)
+        for index in torch.nonzero(roi.movedim(fixed, 0).flatten(1).any(dim=1)).flatten().tolist():
+            target = targets[index]
+            (r0, c0), (r1, c1) = _extent(target >= 0)
+            crop = planes[index + BEFORE, r0 : r1 + context, c0 : c1 + context]
+            # One slice at a time in channels-last layout was fastest on CPU (notes/STACK.md).
+            features = path_dense(
+                path, crop[None, None].contiguous(memory_format=torch.channels_last)
+            )
+            inside = target[r0:r1, c0:c1]
+            keep = inside >= 0
+            out[inside[keep], columns] = features[0].permute(1, 2, 0)[keep]
     return out
+
+
+def _extent(mask: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Low (inclusive) and high (exclusive) corners of a 2-D mask's bounding box."""
+    index = torch.nonzero(mask)
+    return tuple(index.min(dim=0).values.tolist()), tuple((index.max(dim=0).values + 1).tolist())
 
 
 @torch.no_grad()
@@ -114,7 +113,6 @@ def dense_probabilities(
     volume: torch.Tensor,
     roi: torch.Tensor,
     atlas: torch.Tensor,
-    slices_per_batch: int = 4,
     voxels_per_batch: int = 65536,
 ) -> torch.Tensor:
     """Class probabilities (N×15) of every ROI voxel, evaluated densely.
@@ -125,13 +123,12 @@ def dense_probabilities(
         roi: X×Y×Z boolean mask.
         atlas: N×15 atlas prior of the ROI voxels (order of ``torch.nonzero(roi)``, background
             first).
-        slices_per_batch: slices per path evaluation.
         voxels_per_batch: voxels per head evaluation.
 
     Returns:
         N×15 softmax probabilities, background first.
     """
-    features = dense_path_features(model, volume, roi, slices_per_batch)
+    features = dense_path_features(model, volume, roi)
     atlas = atlas.to(features.device, torch.float32)
     return torch.cat(
         [

@@ -65,7 +65,7 @@ def test_dense_equals_patches_over_a_border_touching_roi():
         batch = patches.extract_patches(patches.pad_volume(volume), coords)
         reference_features = model.path_features(batch)
         reference = torch.softmax(model(*(batch[v] for v in VIEWS), atlas), dim=1)
-    features = dense.dense_path_features(model, volume, roi, slices_per_batch=3)
+    features = dense.dense_path_features(model, volume, roi)
     assert features.shape == (len(coords), 540)
     assert (features - reference_features).abs().max() < 1e-4
     probabilities = dense.dense_probabilities(model, volume, roi, atlas, voxels_per_batch=100)
