@@ -19,9 +19,12 @@ ICBM 2009c template — licence-free) and ``none`` (constant prior, ROI = brain)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -188,7 +191,7 @@ def build_source_atlas(
 
     Each subject is registered to the template, its class map warped (label interpolation),
     one-hot averaged over subjects and smoothed with a Gaussian of ``smoothing_mm``. Saved once to
-    ``out_dir`` (``structures.nii.gz``, ``template.nii.gz``, ``atlas.json``); an existing complete
+    ``out_dir`` (``structures.nii.gz``, ``template.nii.gz``, ``manifest.json``); an existing whole
     atlas built from the same subjects and settings is reused.
 
     Args:
@@ -205,13 +208,13 @@ def build_source_atlas(
     out_dir = Path(out_dir)
     record = {
         "format": FORMAT_VERSION,
-        "subjects": [str(Path(s.image).resolve()) for s in subjects],
+        "subjects": [[_fingerprint(s.image), _fingerprint(s.label)] for s in subjects],
         "protocol": protocol,
         "registration": asdict(registration),
         "smoothing_mm": smoothing_mm,
     }
-    identity = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    if _read_manifest(out_dir / "atlas.json", identity) is not None:
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    if _load_entry(out_dir, key) is not None:
         return out_dir
     if not subjects:
         raise io.InputError(f"{out_dir}: no labelled subjects to build a source_labels atlas from")
@@ -242,14 +245,11 @@ def build_source_atlas(
     box = _bounding_box(structures.sum(axis=0) > 0.5 / QUANTUM, margin=4)
     box_affine = _box_affine(template_affine, box)
     quantised = np.rint(np.clip(structures[(slice(None), *box)], 0, 1) * QUANTUM).astype(np.uint8)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "structures.nii.gz": io.save_new(
-            np.moveaxis(quantised, 0, -1), box_affine, out_dir / "structures.nii.gz"
-        ),
-        "template.nii.gz": io.save_new(template, template_affine, out_dir / "template.nii.gz"),
+    arrays = {
+        "structures.nii.gz": (np.moveaxis(quantised, 0, -1), box_affine),
+        "template.nii.gz": (template, template_affine),
     }
-    _write_manifest(out_dir / "atlas.json", identity, files, {"record": record})
+    _publish(out_dir, key, arrays, {"record": record})
     return out_dir
 
 
@@ -260,21 +260,21 @@ def load_saved_atlas(folder: str | Path) -> AtlasSource:
         io.InputError: the folder is missing, incomplete or corrupt.
     """
     folder = Path(folder)
-    manifest = _read_manifest(folder / "atlas.json")
-    if manifest is None:
+    entry = _load_entry(folder)
+    if entry is None or {"structures.nii.gz", "template.nii.gz"} - set(entry[1]):
         raise io.InputError(
-            f"{folder}: not a complete source_labels atlas (atlas.json missing, "
+            f"{folder}: not a complete source_labels atlas ({MANIFEST} missing, "
             f"or a file does not match its checksum)"
         )
-    structures = nib.load(folder / "structures.nii.gz")
-    template = nib.load(folder / "template.nii.gz")
+    manifest, images = entry
+    structures, template = images["structures.nii.gz"], images["template.nii.gz"]
     return AtlasSource(
         name="source_labels",
         template=np.asarray(template.dataobj, dtype=np.float32),
         template_affine=template.affine,
         structures=np.moveaxis(np.asarray(structures.dataobj), -1, 0).astype(np.float32) / QUANTUM,
         structures_affine=structures.affine,
-        identity=f"source_labels:{manifest['key']}",
+        identity=f"source_labels:{manifest['files']['structures.nii.gz'][:16]}",
     )
 
 
@@ -302,8 +302,8 @@ def load_source(
             return load_saved_atlas(cfg["path"])
         if source_subjects is None or build_dir is None:
             raise io.InputError(
-                "atlas=source_labels needs atlas.path=<saved atlas folder> or a "
-                "source cohort to build it from"
+                "atlas=source_labels needs atlas.path=<saved atlas folder> (a source training "
+                "run's atlas/) outside source training"
             )
         folder = build_source_atlas(
             source_subjects,
@@ -332,7 +332,9 @@ def registration_of(cfg: Mapping) -> Registration:
 def _ants(threads: int):
     """Import ANTsPy with ITK's thread count set (ITK reads it once, when the library loads)."""
     if "ants" not in sys.modules:
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads or os.cpu_count() or 1)
+        # The cores this process may use (a SLURM allocation), not all the machine has.
+        cores = len(os.sched_getaffinity(0))
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads or cores)
     import ants
 
     return ants
@@ -462,28 +464,77 @@ def _box_affine(affine: np.ndarray, box) -> np.ndarray:
 # --------------------------------------------------------------------------- cache
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+MANIFEST = "manifest.json"
 
 
-def _write_manifest(path: Path, key: str, files: Mapping[str, Path], extra: Mapping) -> None:
-    manifest = {"key": key, **extra, "files": {n: _sha256(p) for n, p in files.items()}}
-    with io.atomic_path(path) as tmp:  # written last: its presence means the files are whole
-        tmp.write_text(json.dumps(manifest, indent=2))
+def _fingerprint(path) -> list:
+    """Absolute path, size and modification time: changes whenever the file does."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _read_manifest(path: Path, key: str | None = None) -> dict | None:
-    """The manifest if it matches ``key`` and every file matches its checksum, else ``None``."""
+def _publish(folder: Path, key: str, arrays: Mapping[str, tuple], extra: Mapping) -> None:
+    """Write a cache entry (NIfTI files + manifest) privately, then rename it into place whole.
+
+    Concurrent writers (DDP ranks, parallel sweeps) each stage their own folder; the first
+    rename wins and the others are dropped, so an entry is never a mixture of two writers.
+
+    Args:
+        folder: the entry's folder.
+        key: what a reader must match.
+        arrays: file name → (array, affine).
+        extra: more manifest fields.
+
+    Raises:
+        io.InputError: the cache location is not writable.
+    """
     try:
-        manifest = json.loads(path.read_text())
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise io.InputError(
+            f"{folder.parent}: cannot write the cache here ({exc.strerror}); "
+            f"set atlas.cache_dir to a writable folder"
+        ) from None
+    try:
+        digests = {}
+        for name, (array, affine) in arrays.items():
+            digests[name] = hashlib.sha256(
+                io.save_new(array, affine, staging / name).read_bytes()
+            ).hexdigest()
+        manifest = {"key": key, **extra, "files": digests}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+        if folder.exists():  # a damaged or outdated entry under the same name
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another writer's identical entry got there first
+            os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_entry(folder: Path, key: str | None = None):
+    """(manifest, images) of a whole entry matching ``key``, else ``None``.
+
+    Images are parsed from the very bytes whose checksums were verified, so a file replaced
+    between the check and the read cannot slip through.
+    """
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
         if key is not None and manifest.get("key") != key:
             return None
+        images = {}
         for name, digest in manifest["files"].items():
-            if _sha256(path.parent / name) != digest:
+            data = (folder / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+            images[name] = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    except Exception:  # any unreadable entry is rebuilt, whatever the reason
         return None
-    return manifest
+    return manifest, images
 
 
 def cache_folder(image_path: Path, cfg: Mapping, source: AtlasSource) -> tuple[Path, str]:
@@ -493,10 +544,9 @@ def cache_folder(image_path: Path, cfg: Mapping, source: AtlasSource) -> tuple[P
     the registration settings and the ROI distances.
     """
     image_path = Path(image_path).resolve()
-    stat = image_path.stat()
     record = {
         "format": FORMAT_VERSION,
-        "image": [str(image_path), stat.st_size, stat.st_mtime_ns],
+        "image": _fingerprint(image_path),
         "atlas": source.identity,
         "registration": asdict(registration_of(cfg)),
         "distances": [int(cfg["roi_distance"]), int(cfg["mask_distance"])],
@@ -521,35 +571,47 @@ def subject_prior(image: io.Volume, cfg: Mapping, source: AtlasSource | None) ->
     if source is None:
         return brain_prior(image)
     folder, key = cache_folder(image.path, cfg, source)
-    manifest = _read_manifest(folder / "prior.json", key)
-    if manifest is not None:
-        structures = nib.load(folder / "structures.nii.gz")
-        regions = nib.load(folder / "regions.nii.gz")
-        return Prior(
-            structures=np.moveaxis(np.asarray(structures.dataobj), -1, 0).astype(np.float32)
-            / QUANTUM,
-            regions=np.asarray(regions.dataobj).astype(np.uint8),
-            box=tuple(slice(a, b) for a, b in manifest["box"]),
-            shape=tuple(manifest["shape"]),
-        )
+    cached = _cached_prior(folder, key, image.data.shape)
+    if cached is not None:
+        return cached
     prior = register_prior(
         image, source, registration_of(cfg), int(cfg["roi_distance"]), int(cfg["mask_distance"])
     )
     box_affine = _box_affine(image.affine, prior.box)
     quantised = np.rint(prior.structures * QUANTUM).astype(np.uint8)
-    files = {
-        "structures.nii.gz": io.save_new(
-            np.moveaxis(quantised, 0, -1), box_affine, folder / "structures.nii.gz"
-        ),
-        "regions.nii.gz": io.save_new(prior.regions, box_affine, folder / "regions.nii.gz"),
+    arrays = {
+        "structures.nii.gz": (np.moveaxis(quantised, 0, -1), box_affine),
+        "regions.nii.gz": (prior.regions, box_affine),
     }
     extra = {
         "box": [[s.start, s.stop] for s in prior.box],
         "shape": list(prior.shape),
         "image": str(image.path),
     }
-    _write_manifest(folder / "prior.json", key, files, extra)
+    _publish(folder, key, arrays, extra)
     return prior
+
+
+def _cached_prior(folder: Path, key: str, shape: tuple) -> Prior | None:
+    """The cached prior if the entry is whole, matches ``key`` and is self-consistent."""
+    entry = _load_entry(folder, key)
+    if entry is None:
+        return None
+    manifest, images = entry
+    try:
+        structures = np.moveaxis(np.asarray(images["structures.nii.gz"].dataobj), -1, 0)
+        regions = np.asarray(images["regions.nii.gz"].dataobj).astype(np.uint8)
+        box = tuple(slice(a, b) for a, b in manifest["box"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    box_shape = tuple(s.stop - s.start for s in box)
+    if (
+        tuple(manifest["shape"]) != tuple(shape)
+        or structures.shape[1:] != regions.shape
+        or (regions.shape != box_shape or structures.shape[0] != len(label_protocol.STRUCTURES))
+    ):
+        return None
+    return Prior(structures.astype(np.float32) / QUANTUM, regions, box, tuple(shape))
 
 
 # --------------------------------------------------------------------------- quality check

@@ -56,17 +56,28 @@ def _patterns(value) -> list[str]:
 def _discover_ids(root: Path, patterns: Sequence[str]) -> list[str]:
     ids = set()
     for pattern in patterns:
-        before, _, after = pattern.partition("{id}")
-        regex = re.compile(re.escape(before) + r"(.+?)" + re.escape(after) + "$")
+        # Every occurrence of {id} must hold the same id (IBSR_{id}/IBSR_{id}_ana_strip.nii.gz).
+        first, *rest = (re.escape(part) for part in pattern.split("{id}"))
+        groups = [r"(?P<id>[^/]+?)" if i == 0 else "(?P=id)" for i in range(len(rest))]
+        regex = re.compile(
+            first + "".join(g + part for g, part in zip(groups, rest, strict=True)) + "$"
+        )
         for path in root.glob(pattern.replace("{id}", "*")):
-            match = regex.match(path.relative_to(root).as_posix())
+            relative = path.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in relative.split("/")):
+                continue  # hidden files: macOS "._x.nii.gz", interrupted atomic writes
+            match = regex.match(relative)
             if match:
-                ids.add(match.group(1))
+                ids.add(match.group("id"))
     return sorted(ids)
 
 
+def _expected(root: Path, patterns: Sequence[str], sid: str) -> Path:
+    return root / patterns[0].replace("{id}", sid)
+
+
 def _first_existing(root: Path, patterns: Sequence[str], sid: str) -> Path | None:
-    candidates = [root / p.format(id=sid) for p in patterns]
+    candidates = [root / p.replace("{id}", sid) for p in patterns]
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -74,8 +85,11 @@ def _read_groups(root: Path) -> dict[str, str]:
     table = root / "subjects.csv"
     if not table.is_file():
         return {}
-    with open(table, newline="") as f:
-        return {row["id"]: row.get("group") or None for row in csv.DictReader(f)}
+    with open(table, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
+        reader = csv.DictReader(f)
+        if "id" not in (reader.fieldnames or []):
+            raise io.InputError(f"{table}: needs an 'id' column (and optionally 'group')")
+        return {row["id"]: row.get("group") or None for row in reader}
 
 
 def prepare(dataset: Mapping) -> Path:
@@ -123,12 +137,12 @@ def list_subjects(dataset: Mapping) -> list[Subject]:
         image = _first_existing(root, image_patterns, sid)
         if image is None:
             raise io.InputError(
-                f"{root / image_patterns[0].format(id=sid)}: image of subject '{sid}' not found"
+                f"{_expected(root, image_patterns, sid)}: image of subject '{sid}' not found"
             )
         label = _first_existing(root, label_patterns, sid) if label_patterns else None
         if label_patterns and label is None:
             raise io.InputError(
-                f"{root / label_patterns[0].format(id=sid)}: label of subject '{sid}' not found"
+                f"{_expected(root, label_patterns, sid)}: label of subject '{sid}' not found"
             )
         subjects.append(Subject(sid, image, label, groups.get(sid)))
     return sorted(subjects, key=lambda s: s.id)
@@ -159,7 +173,7 @@ def make_splits(
         test = sorted(map(str, test_ids))
         unknown = set(test) - set(ids)
         if unknown:
-            raise ValueError(f"published test ids not in the cohort: {sorted(unknown)}")
+            raise io.InputError(f"test_ids not in the cohort: {sorted(unknown)}")
     else:
         n_test = int(round(test_fraction * len(ids)))
         test = sorted(rng.permutation(ids)[:n_test].tolist())
@@ -185,11 +199,18 @@ def ensure_splits(
         The splits, as in :func:`make_splits`.
     """
     path = Path(run_dir) / "splits.json"
-    if path.is_file():
-        return {
-            k: v for k, v in json.loads(path.read_text()).items() if k in ("train", "val", "test")
-        }
     subjects = subjects if subjects is not None else list_subjects(dataset)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        kept = {k: stored[k] for k in ("train", "val", "test")}
+        missing = {i for ids in kept.values() for i in ids} - {s.id for s in subjects}
+        if stored.get("dataset") != dataset.get("name") or missing:
+            raise io.InputError(
+                f"{path}: holds the splits of dataset '{stored.get('dataset')}'"
+                f"{' with subjects missing here' if missing else ''}; this run folder belongs "
+                f"to another cohort: choose another run name (name=...)"
+            )
+        return kept
     split = dict(dataset.get("split") or {})
     test_ids = dataset.get("test_ids")
     splits = make_splits(

@@ -94,6 +94,8 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     except Exception as exc:  # nibabel raises many types; the user needs one line
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: cannot be read as NIfTI ({reason})") from None
+    if data.dtype.kind not in "biuf" or data.dtype.names is not None:
+        raise InputError(f"{path}: voxel type {data.dtype} is not a real scalar (RGB or complex?)")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -169,6 +171,9 @@ def load_label(
     rounded = np.rint(data)
     if not np.all(np.isfinite(data)) or np.abs(data - rounded).max(initial=0) > 1e-3:
         raise InputError(f"{path}: label values must be finite integers")
+    limit = np.iinfo(np.int32)
+    if rounded.size and (rounded.min() < limit.min or rounded.max() > limit.max):
+        raise InputError(f"{path}: label values outside the 32-bit integer range")
     data = rounded.astype(np.int32)
     if image is not None:
         if data.shape != image.original_shape:
@@ -212,6 +217,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp)
+    # mkstemp creates 0600 files; give the result the permissions any new file would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -239,7 +248,10 @@ def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dty
             f"array shape {array.shape} is not the reference grid {reference.data.shape}"
         )
     out = reference.to_original(np.asarray(array, dtype=dtype or array.dtype))
+    if out.dtype == np.int64:  # NIfTI readers handle int32 far more widely than int64
+        out = out.astype(np.int32)
     header = reference.header.copy()
+    header["cal_min"], header["cal_max"] = 0, 0  # not the T1's display window
     header.set_data_shape(out.shape)
     header.set_data_dtype(out.dtype)
     img = nib.Nifti1Image(out, reference.original_affine, header=header)

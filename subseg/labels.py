@@ -80,6 +80,8 @@ def raw_ids(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
         if spec not in PROTOCOLS:
             raise LabelSpecError(f"unknown label protocol {spec!r}; choose one of {PROTOCOLS}")
         spec = _tables()["protocols"][spec]
+    if not isinstance(spec, Mapping):
+        raise LabelSpecError(f"label_ids must be a protocol name or a mapping, not {spec!r}")
     unknown = set(spec) - set(STRUCTURES)
     missing = [s for s in STRUCTURES if s not in spec]
     if unknown or missing:
@@ -90,7 +92,13 @@ def raw_ids(spec: LabelSpec) -> dict[str, tuple[int, ...]]:
     table = {}
     for name in STRUCTURES:
         ids = spec[name]
-        table[name] = tuple(int(i) for i in (ids if isinstance(ids, Sequence) else [ids]))
+        ids = list(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else [ids]
+        # bool is an int subclass, and a string would be read digit by digit: both are mistakes.
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise LabelSpecError(f"{name}: raw ids must be integers, got {spec[name]!r}")
+        if 0 in ids:
+            raise LabelSpecError(f"{name}: raw id 0 is background and cannot name a structure")
+        table[name] = tuple(int(i) for i in ids)
     flat = [i for ids in table.values() for i in ids]
     if len(flat) != len(set(flat)):
         raise LabelSpecError(f"a raw id is given to two structures: {table}")

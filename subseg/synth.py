@@ -501,18 +501,20 @@ def ensure_cohort(
             cached = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
             cached = {}
-        if cached.get("cache_key") == key and _complete(root, params):
+        if cached.get("cache_key") == key and cached.get("complete") and _complete(root, params):
             return root
-        if cached.get("cache_key") != key:
-            shutil.rmtree(root / "images", ignore_errors=True)
-            shutil.rmtree(root / "labels", ignore_errors=True)
+        if cached.get("cache_key") != key:  # made with other parameters: start afresh
+            for stale in ("images", "labels"):
+                if (root / stale).exists():
+                    shutil.rmtree(root / stale)
+            (root / "subjects.csv").unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(manifest_path) as tmp:
         tmp.write_text(json.dumps({**manifest, "complete": False}, indent=2))
 
     groups = {}
     todo = [i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid)]
-    workers = max(1, min(len(todo), workers or os.cpu_count() or 1))
+    workers = max(1, min(len(todo), workers or len(os.sched_getaffinity(0))))
     description = f"synthetic {params.domain} cohort"
     if workers == 1:
         for i in _progress(todo, description, progress, len(todo)):

@@ -188,8 +188,8 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
     """Set up a run folder: cohort on disk, splits drawn once, every subject checked and primed.
 
     Each subject's files are checked and its atlas prior computed (cached beside the subject),
-    with a QC overlay in ``run_dir/qc/``; ``atlas=source_labels`` is built in ``run_dir/atlas``
-    from the training split.
+    with a QC overlay in ``run_dir/qc/``; for ``task=train``, ``atlas=source_labels`` is built in
+    ``run_dir/atlas`` from the training split.
 
     Args:
         cfg: a composed task config with ``dataset`` and ``atlas`` entries.
@@ -207,7 +207,11 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
     check = transforms.LoadSubjectd(protocol=protocol)
     for subject in subjects:  # every file first: a bad one fails before minutes of registration
         check(subject.as_item())
-    training = [s for s in subjects if s.id in set(splits["train"])]
+    # source_labels is built from a *source* cohort's training split only: built from a target
+    # cohort it would leak test labels into the prior. Other tasks name a saved atlas.
+    training = (
+        [s for s in subjects if s.id in set(splits["train"])] if cfg.task == "train" else None
+    )
     source = atlas.load_source(atlas_cfg, training, protocol, build_dir=run_dir / "atlas")
     for subject in track(subjects, description=f"atlas prior ({atlas_cfg['name']})"):
         image = io.load_image(subject.image)

@@ -142,6 +142,8 @@ def learn_standard_scale(
         The standard landmarks, one per percentile.
     """
     marks = np.stack([nyul_landmarks(img, percentiles) for img in images])
+    if np.any(marks[:, -1] <= marks[:, 0]):
+        raise ValueError("a reference image has the same intensity at every landmark")
     low, high = marks[:, 0].mean(), marks[:, -1].mean()
     scaled = low + (marks - marks[:, :1]) / (marks[:, -1:] - marks[:, :1]) * (high - low)
     return scaled.mean(axis=0)
@@ -163,22 +165,32 @@ class HistogramStandardize(Transform):
     ):
         self.standard = np.asarray(standard_landmarks, dtype=np.float64)
         self.percentiles = tuple(percentiles)
-        if self.standard.shape != (len(self.percentiles),) or np.any(np.diff(self.standard) <= 0):
-            raise ValueError("standard landmarks must increase, one per percentile")
+        if (
+            self.standard.shape != (len(self.percentiles),)
+            or not np.all(np.isfinite(self.standard))
+            or np.any(np.diff(self.standard) <= 0)
+        ):
+            raise ValueError("standard landmarks must be finite and increase, one per percentile")
 
     def __call__(self, image):
         """Return the standardised image, same container type as ``image``."""
         array, *_ = convert_data_type(image, np.ndarray)
-        source = nyul_landmarks(array, self.percentiles)
-        source = np.maximum.accumulate(source + np.arange(source.size) * 1e-9)  # strictly rising
+        landmarks = nyul_landmarks(array, self.percentiles)
+        # Tied landmarks (narrow-range integer images) would give infinite slopes: keep the
+        # first of each run of equal landmarks.
+        distinct = np.concatenate([[True], np.diff(landmarks) > 0])
+        source, standard = landmarks[distinct], self.standard[distinct]
+        if source.size < 2:
+            raise ValueError("the image has the same intensity at every landmark")
         mask = array != 0
         values = array[mask].astype(np.float64)
-        mapped = np.interp(values, source, self.standard)
-        low_slope = (self.standard[1] - self.standard[0]) / (source[1] - source[0])
-        high_slope = (self.standard[-1] - self.standard[-2]) / (source[-1] - source[-2])
+        mapped = np.interp(values, source, standard)
+        # Beyond the first and last landmarks, extend with the slope of the whole span: the end
+        # segments are short and their slopes unreliable.
+        slope = (self.standard[-1] - self.standard[0]) / (source[-1] - source[0])
         below, above = values < source[0], values > source[-1]
-        mapped[below] = self.standard[0] + (values[below] - source[0]) * low_slope
-        mapped[above] = self.standard[-1] + (values[above] - source[-1]) * high_slope
+        mapped[below] = standard[0] + (values[below] - source[0]) * slope
+        mapped[above] = standard[-1] + (values[above] - source[-1]) * slope
         result = np.zeros_like(array, dtype=np.float32)
         result[mask] = mapped
         out, *_ = convert_to_dst_type(result, image, dtype=np.float32)

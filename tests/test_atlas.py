@@ -157,7 +157,7 @@ def test_every_atlas_kind_through_one_interface(ho_run, tiny_cohorts, tmp_path):
     assert {p.name for p in saved.iterdir()} >= {
         "structures.nii.gz",
         "template.nii.gz",
-        "atlas.json",
+        "manifest.json",
     }
     reloaded = atlas.load_source({**_atlas_cfg("source_labels", tmp_path), "path": str(saved)})
     assert reloaded.structures.shape[0] == 14 and reloaded.identity.startswith("source_labels:")
@@ -182,3 +182,10 @@ def test_itk_threads_follow_the_setting():
     env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.split() == ["1", "True"], out.stderr
+
+
+def test_unwritable_cache_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(io.InputError, match="cannot write the cache here.*atlas.cache_dir"):
+        atlas._publish(blocker / "entry", "k", {}, {})

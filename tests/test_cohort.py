@@ -126,3 +126,43 @@ def test_synthetic_datasets_compose_and_generate(tmp_path):
     assert (
         full["synth"]["n_subjects"] >= 15 and _dataset("synth_target")["synth"]["n_subjects"] >= 18
     )
+
+
+def test_hidden_files_and_repeated_id_patterns(tmp_path):
+    root = _folder_cohort(tmp_path / "cohort", ["a01"])
+    (root / "images" / "._a02.nii.gz").write_bytes(b"AppleDouble")
+    (root / "images" / ".a03.nii.gz.x1y2").write_bytes(b"interrupted write")
+    assert [s.id for s in cohort.list_subjects(_dataset("folder", f"dataset.root={root}"))] == [
+        "a01"
+    ]
+    ibsr = tmp_path / "ibsr"
+    for sid in ("01", "02"):
+        write_nifti(ibsr / f"IBSR_{sid}" / f"IBSR_{sid}_ana_strip.nii.gz", np.ones((2, 2, 2)))
+        write_nifti(ibsr / f"IBSR_{sid}" / f"IBSR_{sid}_seg_ana.nii.gz", np.ones((2, 2, 2)))
+    write_nifti(ibsr / "IBSR_03" / "IBSR_04_ana_strip.nii.gz", np.ones((2, 2, 2)))  # mismatch
+    ds = _dataset("ibsr", f"dataset.root={ibsr}", "dataset.ids=null")
+    assert [s.id for s in cohort.list_subjects(ds)] == ["01", "02"]
+
+
+def test_subjects_csv_written_by_excel(tmp_path):
+    root = _folder_cohort(tmp_path / "cohort", ["a01", "b02"])
+    (root / "subjects.csv").write_bytes("id,group\r\na01,ge\r\nb02,siemens\r\n".encode("utf-8-sig"))
+    subjects = cohort.list_subjects(_dataset("folder", f"dataset.root={root}"))
+    assert [s.group for s in subjects] == ["ge", "siemens"]
+    (root / "subjects.csv").write_text("subject,group\na01,ge\n")
+    with pytest.raises(io.InputError, match="subjects.csv: needs an 'id' column"):
+        cohort.list_subjects(_dataset("folder", f"dataset.root={root}"))
+
+
+def test_a_run_folder_keeps_its_own_cohort(tmp_path):
+    first = _folder_cohort(tmp_path / "first", ["a01", "a02", "a03"])
+    second = _folder_cohort(tmp_path / "second", ["b01", "b02", "b03"])
+    run = tmp_path / "run"
+    run.mkdir()
+    cohort.ensure_splits(run, _dataset("folder", f"dataset.root={first}"))
+    with pytest.raises(io.InputError, match="belongs to another cohort"):
+        cohort.ensure_splits(run, _dataset("folder", f"dataset.root={second}"))
+    with pytest.raises(io.InputError, match="test_ids not in the cohort"):
+        cohort.ensure_splits(
+            tmp_path, _dataset("folder", f"dataset.root={first}", "dataset.test_ids=[zz]")
+        )

@@ -1,4 +1,6 @@
 import gzip
+import os
+import stat
 
 import nibabel as nib
 import numpy as np
@@ -142,3 +144,35 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         assert tmp.name.endswith(".nii.gz")
         tmp.write_text("whole")
     assert target.read_text() == "whole"
+
+
+def test_rgb_and_out_of_range_labels_are_refused(tmp_path):
+    rgb_type = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb = np.zeros((4, 4, 4), dtype=rgb_type)
+    path = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+    with pytest.raises(io.InputError) as err:
+        io.load_image(path)
+    assert "not a real scalar" in _one_line_naming(err, path)
+
+    huge = write_nifti(tmp_path / "huge.nii.gz", np.full((3, 3, 3), 2.0**40))
+    with pytest.raises(io.InputError) as err:
+        io.load_label(huge)
+    assert "32-bit" in _one_line_naming(err, huge)
+
+
+def test_outputs_follow_the_umask_and_drop_the_t1_window(tmp_path):
+    image_path = write_nifti(tmp_path / "img.nii.gz", _brain())
+    img = nib.load(image_path)
+    img.header["cal_min"], img.header["cal_max"] = 10, 90
+    nib.save(img, image_path)
+    image = io.load_image(image_path)
+    old = os.umask(0o027)
+    try:
+        out = io.save_like(np.ones(image.data.shape, np.int64), image, tmp_path / "seg.nii.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    back = nib.load(out)
+    assert back.get_data_dtype() == np.int32
+    assert back.header["cal_min"] == 0 and back.header["cal_max"] == 0

@@ -64,6 +64,13 @@ def test_bad_mappings_are_rejected():
     partial = {"right_thalamus": 1}
     with pytest.raises(labels.LabelSpecError, match="missing"):
         labels.raw_ids(partial)
+    for bad in ("49", None, 2.5, [], 0, [3, 0], True):
+        with pytest.raises(labels.LabelSpecError, match="right_thalamus"):
+            labels.raw_ids(
+                {**{n: i + 1 for i, n in enumerate(labels.STRUCTURES)}, "right_thalamus": bad}
+            )
+    with pytest.raises(labels.LabelSpecError, match="protocol name or a mapping"):
+        labels.raw_ids(49)
     clash = {name: 1 for name in labels.STRUCTURES}
     with pytest.raises(labels.LabelSpecError, match="two structures"):
         labels.raw_ids(clash)

@@ -86,6 +86,22 @@ def test_nyul_standardisation_aligns_histograms():
     assert np.all(np.diff(out[: tissue.size][order]) >= -1e-4)
 
 
+def test_nyul_survives_tied_landmarks():
+    # An integer, narrow-range image: most voxels share a few values, landmarks tie.
+    rng = np.random.default_rng(0)
+    image = rng.choice([20, 21, 22], size=20000, p=[0.5, 0.3, 0.2]).astype(np.float32)
+    image[:100] = 5
+    image[-100:] = 0
+    standard = np.linspace(-2.0, 3.0, len(transforms.NYUL_PERCENTILES))
+    out = transforms.HistogramStandardize(standard)(image)
+    assert np.all(np.isfinite(out)) and np.abs(out).max() < 100
+    assert np.all(np.diff(out[np.argsort(image[:-100])]) >= -1e-6)
+    with pytest.raises(ValueError, match="same intensity"):
+        transforms.learn_standard_scale([np.full(50, 7.0)])
+    with pytest.raises(ValueError, match="finite"):
+        transforms.HistogramStandardize([0.0, np.nan, 2.0], percentiles=(1, 50, 99))
+
+
 def test_nyul_in_the_pipeline(tiny_cohorts):
     source = tiny_cohorts["source"]
     zscored = [
