@@ -12,15 +12,17 @@ batch is asked for, so the N×3×32×32 patch tensor of a cohort never exists.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.transforms import MapTransform
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from subseg import atlas, patches
+from subseg import atlas, io, patches
 
 
 @dataclass
@@ -125,6 +127,12 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def subset(self, indices: np.ndarray) -> PatchDataset:
+        """The same subjects (volumes shared, not copied) serving other samples."""
+        view = copy.copy(self)
+        view.indices = torch.as_tensor(indices)
+        return view
+
     def __getitem__(self, index: int) -> dict:
         """One sample (prefer batches: see ``__getitems__``)."""
         batch = self.__getitems__([index])
@@ -148,3 +156,47 @@ class PatchDataset(Dataset):
 def collate_batch(batch: dict) -> dict:
     """DataLoader ``collate_fn`` for :class:`PatchDataset`: its batches are already whole."""
     return batch
+
+
+class AtlasPriord(MapTransform):
+    """Attach a subject's atlas prior (:class:`subseg.atlas.Prior`, cached on disk) as ``prior``.
+
+    Args:
+        atlas_cfg: the ``conf/atlas`` entry.
+        source: from :func:`subseg.atlas.load_source`.
+        image_key: key of the image; its file path is read from the meta data.
+    """
+
+    def __init__(self, atlas_cfg, source, image_key: str = "image"):
+        super().__init__([image_key])
+        self.atlas_cfg, self.source, self.image_key = atlas_cfg, source, image_key
+
+    def __call__(self, item):
+        """Add ``prior`` to the item."""
+        out = dict(item)
+        path = out[self.image_key].meta["filename_or_obj"]
+        out["prior"] = atlas.subject_prior(io.load_image(path), self.atlas_cfg, self.source)
+        return out
+
+
+def subject_samples(
+    item: dict, rng: np.random.Generator, limit: int | None = None
+) -> SubjectSamples:
+    """Sample a preprocessed subject (``image``, ``label``, ``prior``) as METHOD.md §4 says.
+
+    Args:
+        item: from the preprocessing pipeline plus :class:`AtlasPriord`.
+        rng: random generator.
+        limit: keep at most this many samples (a random subset), for small machines.
+    """
+    classes = np.asarray(item["label"][0])
+    coords, targets = sample_voxels(classes, rng)
+    if limit is not None and len(coords) > limit:
+        keep = np.sort(rng.choice(len(coords), size=limit, replace=False))
+        coords, targets = coords[keep], targets[keep]
+    return SubjectSamples(
+        volume=torch.as_tensor(np.asarray(item["image"][0]), dtype=torch.float32),
+        coords=torch.from_numpy(coords),
+        targets=torch.from_numpy(targets),
+        prior=torch.from_numpy(prior_at(item["prior"], coords)),
+    )

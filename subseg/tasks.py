@@ -6,6 +6,7 @@ Tests call the same functions with configs composed by Hydra's compose API.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import sys
 from collections import Counter
@@ -18,7 +19,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
-from subseg import atlas, cohort, io, overlay, transforms
+from subseg import atlas, cohort, figures, inference, io, metrics, overlay, transforms
 from subseg import labels as label_protocol
 
 
@@ -232,3 +233,169 @@ def not_built_yet(cfg: DictConfig, run_dir: str | Path, what: str, issue: int) -
         f"subseg: {what} is not built yet (issue #{issue}); nothing else was run.", file=sys.stderr
     )
     raise SystemExit(3)
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = [CSVLogger(save_dir=run_dir, name="logs", version="")]
+    if cfg.logger.kind == "wandb":
+        # Offline by default: no account, no network; `wandb sync` uploads the run later.
+        loggers.append(
+            WandbLogger(
+                name=str(cfg.name),
+                save_dir=str(run_dir),
+                dir=str(run_dir),
+                offline=bool(cfg.logger.offline),
+                project=cfg.logger.project,
+            )
+        )
+    return loggers
+
+
+def evaluate_subjects(net, subjects, qc_dir: Path | None = None) -> list[dict]:
+    """Segment labelled subjects and return their ``metrics.csv`` rows.
+
+    Args:
+        net: the network, in eval mode.
+        subjects: (subject, item) pairs; items carry ``image``, ``label`` and ``prior``.
+        qc_dir: when given, an overlay of each segmentation is written there.
+    """
+    rows = []
+    for subject, item in subjects:
+        volume = np.asarray(item["image"][0])
+        classes, _ = inference.segment(net, volume, item["prior"])
+        spacing = item["image"].meta["spacing"]
+        rows += metrics.structure_metrics(
+            subject.id, classes, np.asarray(item["label"][0]), spacing
+        )
+        if qc_dir is not None:
+            overlay.save_overlay(
+                volume,
+                classes,
+                spacing,
+                qc_dir / f"{subject.id}_seg.png",
+                title=f"{subject.id}: segmentation",
+            )
+    return rows
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=metrics.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train a network from scratch on a source cohort and evaluate it on the test split.
+
+    Writes to ``run_dir``: ``splits.json``, ``qc/``, ``checkpoints/best.ckpt`` (and
+    ``last.ckpt``), ``logs/metrics.csv`` (every logged number), an offline W&B run with the
+    default logger, ``metrics.csv`` and ``summary.json`` for the test subjects.
+
+    Args:
+        cfg: the composed ``conf/train.yaml``.
+        run_dir: the run folder.
+
+    Returns:
+        The test summary (``avg``, ``wavg``, ``per_structure``).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from monai.data import CacheDataset
+    from torch.utils.data import DataLoader
+
+    from subseg import data
+    from subseg.lit_module import SegmentationModule, VolumeDice, VolumeSubject
+
+    run_dir = Path(run_dir)
+    L.seed_everything(int(cfg.seed), workers=True)
+    splits = prepare_run(cfg, run_dir)
+    dataset, atlas_cfg, recipe = _as_dict(cfg.dataset), _as_dict(cfg.atlas), _as_dict(cfg.recipe)
+    protocol = dataset["label_ids"]
+    by_id = {s.id: s for s in cohort.list_subjects(dataset)}
+    training = [by_id[i] for i in splits["train"]]
+    source = atlas.load_source(atlas_cfg, training, protocol, build_dir=run_dir / "atlas")
+    pipeline = transforms.Pipeline(
+        [*transforms.preprocessing(protocol).transforms, data.AtlasPriord(atlas_cfg, source)]
+    )
+
+    def cached(ids):
+        items = [by_id[i].as_item() for i in ids]
+        return CacheDataset(items, pipeline, num_workers=int(cfg.num_workers), progress=False)
+
+    rng = np.random.default_rng(int(cfg.seed))
+    train_items = cached(splits["train"])
+    samples = [
+        data.subject_samples(item, rng, recipe["samples_per_subject"]) for item in train_items
+    ]
+    owner = np.concatenate([np.full(len(s.targets), i) for i, s in enumerate(samples)])
+    by_subject = owner if recipe["split_level"] == "subject" else None
+    train_idx, val_idx = data.split_indices(len(owner), recipe["val_fraction"], rng, by_subject)
+    pooled = data.PatchDataset(samples)
+
+    def loader(indices, shuffle):
+        return DataLoader(
+            pooled.subset(indices),
+            batch_size=int(recipe["batch_size"]),
+            shuffle=shuffle,
+            collate_fn=data.collate_batch,
+            num_workers=int(cfg.num_workers),
+        )
+
+    val_items = cached(splits["val"])
+    volume_subjects = [
+        VolumeSubject(
+            item["id"], np.asarray(item["image"][0]), item["prior"], np.asarray(item["label"][0])
+        )
+        for item in val_items
+    ]
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=recipe["monitor"],
+        mode=recipe["mode"],
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=int(recipe["max_epochs"]),
+        max_time=recipe["max_time"],
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        logger=_loggers(cfg, run_dir),
+        callbacks=[
+            checkpoint,
+            EarlyStopping(
+                monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
+            ),
+            VolumeDice(volume_subjects, int(recipe["volume_dice_every"])),
+        ],
+        default_root_dir=run_dir,
+        log_every_n_steps=10,
+    )
+    module = SegmentationModule(dropout=float(recipe["dropout"]), lr=float(recipe["lr"]))
+    trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
+    if not trainer.is_global_zero:
+        return {}
+
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
+    test_items = cached(splits["test"])
+    rows = evaluate_subjects(
+        net, [(by_id[item["id"]], item) for item in test_items], run_dir / "qc"
+    )
+    summary = metrics.summarize(rows)
+    summary["checkpoint"] = str(Path(best).relative_to(run_dir))
+    _write_table(rows, run_dir / "metrics.csv")
+    with io.atomic_path(run_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    figures.learning_curve(run_dir / "logs" / "metrics.csv", run_dir / "learning_curve.png")
+    print(
+        f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "
+        f"{summary['n_subjects']} subjects; run folder {run_dir}"
+    )
+    return summary

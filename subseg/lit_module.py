@@ -1,0 +1,115 @@
+"""Lightning wrapper around the network: loss, optimiser, metrics, whole-volume validation.
+
+The network itself (:mod:`subseg.model`) knows nothing of Lightning; this module holds what a
+training run needs around it: cross-entropy on patch batches, Adam, voxel accuracy, and a
+callback that segments held-out subjects every few epochs and logs per-structure Dice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+
+from subseg import atlas, inference
+from subseg.labels import NUM_CLASSES, STRUCTURES
+from subseg.model import VIEWS, SubcorticalNet
+
+
+class SegmentationModule(L.LightningModule):
+    """Trains :class:`SubcorticalNet` on patch batches.
+
+    Args:
+        dropout: dropout probability of the network.
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, dropout: float = 0.3, lr: float = 1e-3):
+        super().__init__()
+        self.save_hyperparameters()  # enough to rebuild the network from a checkpoint
+        self.net = SubcorticalNet(dropout)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits (B×15) of a batch from :class:`subseg.data.PatchDataset`."""
+        return self.net(*(batch[view] for view in VIEWS), batch["prior"])
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["target"])
+        accuracy = (logits.argmax(dim=1) == batch["target"]).float().mean()
+        size = len(batch["target"])
+        train = stage == "train"
+        options = dict(batch_size=size, on_step=train, on_epoch=True, sync_dist=not train)
+        self.log(f"{stage}_loss", loss, prog_bar=True, **options)
+        self.log(f"{stage}_acc", accuracy, prog_bar=not train, **options)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on one batch."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss and accuracy on the held-out voxels."""
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        """Adam over the trainable parameters (fine-tuning freezes some)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+
+@dataclass
+class VolumeSubject:
+    """A held-out subject for whole-volume validation."""
+
+    id: str
+    volume: np.ndarray
+    prior: atlas.Prior
+    classes: np.ndarray
+
+
+def dice_per_structure(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice of each of the 14 structures (MONAI's DiceMetric; NaN where both are empty)."""
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    pred = one_hot(torch.from_numpy(prediction.astype(np.int64))[None, None], NUM_CLASSES)
+    true = one_hot(torch.from_numpy(truth.astype(np.int64))[None, None], NUM_CLASSES)
+    return metric(pred, true)[0].numpy()
+
+
+class VolumeDice(L.Callback):
+    """Every few epochs, segment held-out subjects whole and log per-structure Dice.
+
+    Args:
+        subjects: held-out subjects (volume, prior, true classes).
+        every_n_epochs: how often.
+    """
+
+    def __init__(self, subjects: Sequence[VolumeSubject], every_n_epochs: int = 1):
+        self.subjects = list(subjects)
+        self.every = max(1, every_n_epochs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: SegmentationModule) -> None:
+        """Segment, compute Dice, log ``val_dice/<structure>`` and ``val_dice_mean``."""
+        if trainer.sanity_checking or not self.subjects:
+            return
+        if (trainer.current_epoch + 1) % self.every and not trainer.should_stop:
+            return
+        was_training = module.training
+        module.eval()
+        scores = np.stack(
+            [
+                dice_per_structure(inference.segment(module.net, s.volume, s.prior)[0], s.classes)
+                for s in self.subjects
+            ]
+        )
+        module.train(was_training)
+        mean = np.nanmean(scores, axis=0)
+        for name, value in zip(STRUCTURES, mean, strict=True):
+            module.log(f"val_dice/{name}", float(value), sync_dist=True)
+        module.log("val_dice_mean", float(np.nanmean(mean)), prog_bar=True, sync_dist=True)

@@ -1,0 +1,102 @@
+"""Per-structure evaluation: Dice, 95th-percentile Hausdorff, ASSD, volumes; Avg and wDSC.
+
+Distances use MONAI's surface-distance metrics with the voxel spacing, so they are in mm.
+wDSC is METHOD.md §8's reconstruction of the paper's weighted Dice: per subject,
+Σ DSC_l / V_l² ÷ Σ 1 / V_l² with V_l the reference volume, then averaged over subjects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+)
+from monai.networks.utils import one_hot
+
+from subseg.labels import NUM_CLASSES, STRUCTURES
+
+COLUMNS = ("subject", "structure", "dsc", "hd95_mm", "assd_mm", "vol_ref_mm3", "vol_pred_mm3")
+
+
+def structure_metrics(
+    subject: str, prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]
+) -> list[dict]:
+    """One row per structure (the ``metrics.csv`` contract).
+
+    Args:
+        subject: subject id.
+        prediction: X×Y×Z predicted classes.
+        reference: X×Y×Z reference classes.
+        spacing: voxel size in mm along the array axes.
+
+    Returns:
+        Rows with the keys of :data:`COLUMNS`; distances are NaN where a structure is missing
+        from either map.
+    """
+    pred = one_hot(torch.from_numpy(prediction.astype(np.int64))[None, None], NUM_CLASSES)
+    true = one_hot(torch.from_numpy(reference.astype(np.int64))[None, None], NUM_CLASSES)
+    dice = compute_dice(pred, true, include_background=False, ignore_empty=True)[0]
+    spacing = [float(s) for s in spacing]
+    with warnings.catch_warnings():  # absent structures: reported as NaN below
+        warnings.simplefilter("ignore", UserWarning)
+        hd95 = compute_hausdorff_distance(pred, true, percentile=95, spacing=spacing)[0]
+        assd = compute_average_surface_distance(pred, true, symmetric=True, spacing=spacing)[0]
+    voxel = float(np.prod(spacing))
+    ref_counts = np.bincount(reference.ravel(), minlength=NUM_CLASSES)
+    pred_counts = np.bincount(prediction.ravel(), minlength=NUM_CLASSES)
+    rows = []
+    for index, name in enumerate(STRUCTURES):
+        cls = index + 1
+        missing = ref_counts[cls] == 0 or pred_counts[cls] == 0
+        rows.append(
+            {
+                "subject": subject,
+                "structure": name,
+                "dsc": float(dice[index]),
+                "hd95_mm": float("nan") if missing else float(hd95[index]),
+                "assd_mm": float("nan") if missing else float(assd[index]),
+                "vol_ref_mm3": float(ref_counts[cls] * voxel),
+                "vol_pred_mm3": float(pred_counts[cls] * voxel),
+            }
+        )
+    return rows
+
+
+def weighted_dice(dsc: np.ndarray, reference_volumes: np.ndarray) -> float:
+    """METHOD.md §8's wDSC of one subject: Σ DSC_l / V_l² ÷ Σ 1 / V_l²."""
+    volumes = np.asarray(reference_volumes, dtype=np.float64)
+    dsc = np.asarray(dsc, dtype=np.float64)
+    present = (volumes > 0) & np.isfinite(dsc)  # a structure absent from the reference is skipped
+    if not present.any():
+        return float("nan")
+    weights = 1.0 / volumes[present] ** 2
+    return float(np.sum(weights * dsc[present]) / np.sum(weights))
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """``summary.json``: Avg (mean of the 14 mean DSCs), wAvg, per-structure mean/std."""
+    subjects = sorted({r["subject"] for r in rows})
+    per_structure = {}
+    for name in STRUCTURES:
+        values = np.array([r["dsc"] for r in rows if r["structure"] == name], dtype=float)
+        finite = values[np.isfinite(values)]
+        per_structure[name] = {
+            "mean": float(finite.mean()) if finite.size else float("nan"),
+            "std": float(finite.std()) if finite.size else float("nan"),
+        }
+    weighted = []
+    for subject in subjects:
+        mine = [r for r in rows if r["subject"] == subject]
+        weighted.append(weighted_dice([r["dsc"] for r in mine], [r["vol_ref_mm3"] for r in mine]))
+    return {
+        "avg": float(np.nanmean([v["mean"] for v in per_structure.values()])),
+        "wavg": float(np.nanmean(weighted)),
+        "n_subjects": len(subjects),
+        "per_structure": per_structure,
+    }

@@ -1,0 +1,102 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+
+from subseg import labels, tasks
+from subseg.lit_module import SegmentationModule
+from subseg.metrics import COLUMNS
+from subseg.model import count_trainable
+
+TINY = [
+    "dataset=synth_tiny_source",
+    "atlas=none",
+    "recipe.samples_per_subject=400",
+    "recipe.max_epochs=2",
+    "recipe.volume_dice_every=1",
+    "recipe.batch_size=64",
+]
+
+
+def _cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "train", overrides=[*TINY, f"paths.data_dir={tmp_path / 'data'}", *overrides]
+        )
+
+
+@pytest.mark.slow
+def test_training_writes_the_run_folder_contract(tmp_path):
+    run = tmp_path / "run"
+    summary = tasks.train(_cfg(tmp_path, "logger=csv"), run)
+
+    assert {"avg", "wavg", "per_structure", "checkpoint"} <= set(summary)
+    assert json.loads((run / "summary.json").read_text())["avg"] == summary["avg"]
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == COLUMNS
+    assert [r["structure"] for r in rows] == list(labels.STRUCTURES)  # one test subject
+    assert {r["subject"] for r in rows} == {"s003"}
+
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    dice_rows = [r for r in log if r.get("val_dice_mean")]
+    assert len(dice_rows) == 2  # one whole-volume validation per epoch
+    for name in labels.STRUCTURES:
+        assert all(0.0 <= float(r[f"val_dice/{name}"]) <= 1.0 for r in dice_rows)
+    assert any(r.get("train_loss_epoch") for r in log) and any(r.get("val_loss") for r in log)
+
+    module = SegmentationModule.load_from_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert count_trainable(module.net) == 882_375 and module.hparams.dropout == 0.3
+    assert (run / "learning_curve.png").stat().st_size > 5_000
+    assert (run / "qc" / "s003_seg.png").is_file()
+    assert not (run / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *TINY,
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "out" / "train" / "synth_tiny_source"
+    (history,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    recorded = history.read_bytes()
+    for name in labels.STRUCTURES:  # per-structure validation Dice is in the run's history
+        assert f"val_dice/{name}".encode() in recorded
+    assert "wandb sync" in result.stdout + result.stderr
+    assert (run / "logs" / "metrics.csv").is_file()  # the CSV copy is kept as well
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    run = tmp_path / "run"
+    summary = tasks.train(
+        _cfg(tmp_path, "logger=csv", "strategy=ddp_fork", "devices=2", "accelerator=cpu"), run
+    )
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert summary and 0.0 <= summary["avg"] <= 1.0
