@@ -235,7 +235,8 @@ def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dty
     codes, units), with the data type of ``array`` (or ``dtype``) and no intensity scaling.
 
     Args:
-        array: 3-D array with the shape of ``reference.data``.
+        array: array whose first three axes are the grid of ``reference.data`` (extra trailing
+            axes, e.g. 15 probabilities, are kept).
         reference: the volume whose grid ``array`` lies on.
         path: output file (``.nii.gz`` recommended).
         dtype: data type on disk; defaults to ``array.dtype``.
@@ -243,9 +244,9 @@ def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dty
     Returns:
         The path written.
     """
-    if array.shape != reference.data.shape:
+    if array.shape[:3] != reference.data.shape:
         raise ValueError(
-            f"array shape {array.shape} is not the reference grid {reference.data.shape}"
+            f"array shape {array.shape} is not on the reference grid {reference.data.shape}"
         )
     out = reference.to_original(np.asarray(array, dtype=dtype or array.dtype))
     if out.dtype == np.int64:  # NIfTI readers handle int32 far more widely than int64

@@ -399,3 +399,108 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         f"{summary['n_subjects']} subjects; run folder {run_dir}"
     )
     return summary
+
+
+def _input_images(spec) -> list[Path]:
+    """T1 files named by a file, a folder (every .nii / .nii.gz in it) or a list of either."""
+    items = [spec] if isinstance(spec, str | Path) else list(spec)
+    files = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(
+                p
+                for p in item.iterdir()
+                if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+            )
+            if not found:
+                raise io.InputError(f"{item}: no .nii or .nii.gz files in this folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise io.InputError(f"{item}: no such file or folder")
+    return files
+
+
+def load_network(checkpoint: str | Path):
+    """The network of a Lightning checkpoint, in eval mode on the CPU.
+
+    Raises:
+        io.InputError: the file is missing or not a subseg checkpoint.
+    """
+    from subseg.lit_module import SegmentationModule
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise io.InputError(f"{checkpoint}: no such checkpoint")
+    try:
+        module = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    except Exception as exc:  # torch/Lightning raise many types for a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise io.InputError(f"{checkpoint}: not a readable subseg checkpoint ({reason})") from None
+    return module.net.eval()
+
+
+def predict(cfg: DictConfig) -> list[dict]:
+    """Segment new T1 scans and report their structure volumes.
+
+    Writes to ``cfg.out_dir``: ``<id>_seg.nii.gz`` (same shape, affine and orientation as the
+    input; classes 0–14 or the raw ids of ``cfg.raw_ids``), ``<id>_qc.png``, optionally
+    ``<id>_prob.nii.gz``, and ``volumes.csv`` (subject, structure, volume_mm3).
+
+    Returns:
+        The rows of ``volumes.csv``.
+    """
+    out_dir = Path(cfg.out_dir)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    checkpoint = cfg.ckpt or (run_dir / "checkpoints" / "best.ckpt" if run_dir else None)
+    if checkpoint is None:
+        raise io.InputError("name a trained model: run_dir=<training run folder> or ckpt=<file>")
+    net = load_network(checkpoint)
+    atlas_cfg = _as_dict(cfg.atlas)
+    if atlas_cfg["kind"] == "source_labels" and not atlas_cfg.get("path") and run_dir:
+        atlas_cfg["path"] = str(run_dir / "atlas")  # the atlas the network was trained with
+    source = atlas.load_source(atlas_cfg)
+    files = _input_images(cfg.input)
+    zscore = transforms.preprocessing(None)
+    rows = []
+    for path in track(files, description="segmenting"):
+        subject = path.name.removesuffix(".gz").removesuffix(".nii")
+        image = io.load_image(path)
+        volume = zscore({"image": str(path)})["image"][0].numpy()
+        prior = atlas.subject_prior(image, atlas_cfg, source)
+        classes, probabilities = inference.segment(net, volume, prior, bool(cfg.postprocessing))
+        stored = label_protocol.map_to_raw(classes, cfg.raw_ids) if cfg.raw_ids else classes
+        io.save_like(
+            stored.astype(np.int16 if cfg.raw_ids else np.uint8),
+            image,
+            out_dir / f"{subject}_seg.nii.gz",
+        )
+        if cfg.probabilities:
+            full = np.zeros((*image.data.shape, label_protocol.NUM_CLASSES), np.float32)
+            full[..., 0] = 1.0
+            full[prior.box] = np.moveaxis(probabilities, 0, -1)
+            full[prior.box][~(prior.regions > 0)] = np.eye(label_protocol.NUM_CLASSES)[0]
+            io.save_like(full, image, out_dir / f"{subject}_prob.nii.gz")
+        overlay.save_overlay(
+            image.data,
+            classes,
+            image.spacing,
+            out_dir / f"{subject}_qc.png",
+            title=f"{subject}: subseg segmentation",
+        )
+        counts = np.bincount(classes.ravel(), minlength=label_protocol.NUM_CLASSES)
+        rows += [
+            {
+                "subject": subject,
+                "structure": name,
+                "volume_mm3": float(counts[c] * image.voxel_volume_mm3),
+            }
+            for c, name in enumerate(label_protocol.STRUCTURES, 1)
+        ]
+    with io.atomic_path(out_dir / "volumes.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["subject", "structure", "volume_mm3"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"subseg: {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")
+    return rows
