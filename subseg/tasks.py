@@ -394,6 +394,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     with io.atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     figures.learning_curve(run_dir / "logs" / "metrics.csv", run_dir / "learning_curve.png")
+    overlays = sorted(str(p) for p in (run_dir / "qc").glob("*_seg.png"))[:4]
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image") and overlays:  # W&B: a few test overlays on the dashboard
+            logger.log_image(key="test/segmentations", images=overlays)
+            logger.log_metrics(
+                {f"test/dice_{k}": v["mean"] for k, v in summary["per_structure"].items()}
+            )
     print(
         f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "
         f"{summary['n_subjects']} subjects; run folder {run_dir}"

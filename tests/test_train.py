@@ -86,6 +86,7 @@ def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
     recorded = history.read_bytes()
     for name in labels.STRUCTURES:  # per-structure validation Dice is in the run's history
         assert f"val_dice/{name}".encode() in recorded
+    assert b"test/segmentations" in recorded  # overlay images went to the dashboard
     assert "wandb sync" in result.stdout + result.stderr
     assert (run / "logs" / "metrics.csv").is_file()  # the CSV copy is kept as well
 
