@@ -59,18 +59,18 @@ def test_demo_generates_and_summarises_both_cohorts(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_entry_point_prepares_the_run_folder(tmp_path):
+def test_unbuilt_entry_point_prepares_the_run_folder(tmp_path):
     result = _run(
-        "train.py",
+        "finetune.py",
         "dataset=synth_tiny_source",
         "atlas=none",
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.output_dir={tmp_path / 'out'}",
         cwd=tmp_path,
     )
-    run = tmp_path / "out" / "train" / "synth_tiny_source"
+    run = tmp_path / "out" / "finetune" / "synth_tiny_source_tl1_d0"
     assert result.returncode == 3, result.stderr
-    assert "not built yet (issue #4)" in result.stderr
+    assert "not built yet (issue #5)" in result.stderr
     splits = json.loads((run / "splits.json").read_text())
     assert splits["test"] == ["s003"] and len(splits["train"]) + len(splits["val"]) == 3
     assert (run / ".hydra" / "config.yaml").is_file()
