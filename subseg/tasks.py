@@ -334,6 +334,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     by_subject = owner if recipe["split_level"] == "subject" else None
     train_idx, val_idx = data.split_indices(len(owner), recipe["val_fraction"], rng, by_subject)
     pooled = data.PatchDataset(samples)
+    del train_items, samples  # the padded copies in ``pooled`` are all training needs
 
     def loader(indices, shuffle):
         return DataLoader(
