@@ -185,7 +185,7 @@ def demo(cfg: DictConfig) -> dict:
     return summaries
 
 
-def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
+def prepare_run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, list, object]:
     """Set up a run folder: cohort on disk, splits drawn once, every subject checked and primed.
 
     Each subject's files are checked and its atlas prior computed (cached beside the subject),
@@ -197,7 +197,7 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
         run_dir: the run folder (Hydra's output directory).
 
     Returns:
-        The splits written to ``run_dir/splits.json``.
+        (the splits written to ``run_dir/splits.json``, the cohort's subjects, the atlas source).
     """
     run_dir = Path(run_dir)
     dataset = _as_dict(cfg.dataset)
@@ -218,12 +218,12 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, list[str]]:
         image = io.load_image(subject.image)
         prior = atlas.subject_prior(image, atlas_cfg, source)
         atlas.save_prior_qc(image, prior, run_dir / "qc" / f"{subject.id}_prior.png")
-    return splits
+    return splits, subjects, source
 
 
 def not_built_yet(cfg: DictConfig, run_dir: str | Path, what: str, issue: int) -> None:
     """Prepare the run folder, then stop with a clear message about the missing stage."""
-    splits = prepare_run(cfg, run_dir)
+    splits, _, _ = prepare_run(cfg, run_dir)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     print(
         f"subseg: {cfg.dataset.name}: splits ({sizes}) written to {Path(run_dir) / 'splits.json'}",
@@ -311,12 +311,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    splits = prepare_run(cfg, run_dir)
+    splits, subjects, source = prepare_run(cfg, run_dir)
     dataset, atlas_cfg, recipe = _as_dict(cfg.dataset), _as_dict(cfg.atlas), _as_dict(cfg.recipe)
     protocol = dataset["label_ids"]
-    by_id = {s.id: s for s in cohort.list_subjects(dataset)}
-    training = [by_id[i] for i in splits["train"]]
-    source = atlas.load_source(atlas_cfg, training, protocol, build_dir=run_dir / "atlas")
+    by_id = {s.id: s for s in subjects}
     pipeline = transforms.Pipeline(
         [*transforms.preprocessing(protocol).transforms, data.AtlasPriord(atlas_cfg, source)]
     )
