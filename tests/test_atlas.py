@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -84,6 +85,35 @@ def test_harvard_oxford_prior_matches_the_true_labels(ho_run):
     probs = prior.probabilities()
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
     assert probs.shape[0] == 15 and probs.min() >= 0
+
+
+@pytest.mark.slow
+def test_channels_resampled_in_the_box_equal_the_whole_grid(ho_run, monkeypatch, tmp_path):
+    # register_prior resamples the 14 channels only inside the warped union's box; the prior
+    # must equal resampling every channel onto the whole grid with the same transforms.
+    cfg, source, image, _, _ = ho_run
+    settings = dataclasses.replace(atlas.registration_of(cfg), resolution_mm=6.0)
+    ants = atlas._ants(settings.threads)
+    fixed = atlas._to_ants(ants, image.data, image.affine)
+    moving = atlas._to_ants(ants, source.template, source.template_affine)
+    transforms = atlas._register(ants, fixed, moving, settings, tmp_path)
+    monkeypatch.setattr(atlas, "_register", lambda *args: transforms)
+    boxed = atlas.register_prior(image, source, settings)
+    whole = np.stack(
+        [
+            ants.apply_transforms(
+                fixed,
+                atlas._to_ants(ants, channel, source.structures_affine),
+                transforms,
+                interpolator="linear",
+            ).numpy()
+            for channel in source.structures
+        ]
+    )
+    reference = atlas._prior_from_structures(whole, image, 15, 5)
+    assert boxed.box == reference.box
+    np.testing.assert_array_equal(boxed.regions, reference.regions)
+    np.testing.assert_allclose(boxed.structures, reference.structures, atol=1.5 / atlas.QUANTUM)
 
 
 @pytest.mark.slow
