@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +89,34 @@ def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
         assert f"val_dice/{name}".encode() in recorded
     assert b"test/segmentations" in recorded  # overlay images went to the dashboard
     assert "wandb sync" in result.stdout + result.stderr
-    assert (run / "logs" / "metrics.csv").is_file()  # the CSV copy is kept as well
+
+    # The CSV log (what logger=csv keeps) holds the very numbers the W&B history holds.
+    inspect = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(history)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert inspect.returncode == 0, inspect.stderr[-2000:]
+    records = [json.loads(line) for line in inspect.stdout.splitlines() if line.startswith("{")]
+    from_wandb = {}
+    for record in records:
+        item = record.get("history", {}).get("item", {})
+        for key, value in item.items():
+            if key.startswith(("val_", "train_loss_epoch", "train_acc_epoch")):
+                from_wandb[(item["trainer/global_step"], key)] = value
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        from_csv = {
+            (int(row["step"]), key): float(value)
+            for row in csv.DictReader(f)
+            for key, value in row.items()
+            if value and key.startswith(("val_", "train_loss_epoch", "train_acc_epoch"))
+        }
+    assert len(from_csv) >= 2 * (len(labels.STRUCTURES) + 5)  # two epochs of every number
+    assert from_wandb.keys() == from_csv.keys()
+    for key, value in from_csv.items():
+        assert from_wandb[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
 @pytest.mark.slow
