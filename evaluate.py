@@ -9,9 +9,9 @@ from subseg import tasks
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    """Prepare the run folder; the evaluation stage itself lands with issue #5."""
+    """Evaluate a run's model on its cohort's test subjects (or another cohort's)."""
     with tasks.cli_errors():
-        tasks.not_built_yet(cfg, HydraConfig.get().runtime.output_dir, "evaluation", 5)
+        tasks.evaluate(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

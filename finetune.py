@@ -9,9 +9,9 @@ from subseg import tasks
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    """Prepare the run folder; the transfer learning stage itself lands with issue #5."""
+    """Fine-tune a source model on k target images and evaluate it on the rest."""
     with tasks.cli_errors():
-        tasks.not_built_yet(cfg, HydraConfig.get().runtime.output_dir, "transfer learning", 5)
+        tasks.finetune(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -184,8 +184,49 @@ def make_splits(
     return {"train": train, "val": val, "test": test}
 
 
+def draw_target(
+    ids: Sequence[str],
+    n_images: int,
+    draw: int = 0,
+    test_ids: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """The target images of TL-k, draw j: nested (TL-k ⊂ TL-(k+1) for the same draw).
+
+    One seeded permutation of the candidates per draw; TL-k takes its first ``k``. The test
+    set is the published list, or every subject not drawn for training (METHOD.md §5).
+
+    Args:
+        ids: the cohort's subject ids.
+        n_images: k, the labelled target images to fine-tune on (0: No TL).
+        draw: j, which random draw.
+        test_ids: the published test list, if any (never drawn for training).
+        seed: the cohort's split seed.
+
+    Returns:
+        ``{"train": [...], "val": [], "test": [...]}`` (validation is voxel-level).
+
+    Raises:
+        io.InputError: more images asked for than the cohort has outside its test list.
+    """
+    ids = sorted(map(str, ids))
+    published = None if test_ids is None else sorted(map(str, test_ids))
+    candidates = [i for i in ids if published is None or i not in set(published)]
+    if not 0 <= n_images <= len(candidates):
+        raise io.InputError(
+            f"target.n_images={n_images}: the cohort has {len(candidates)} subjects to draw from"
+        )
+    order = np.random.default_rng([seed, draw]).permutation(candidates).tolist()
+    train = sorted(order[:n_images])
+    test = published if published is not None else [i for i in ids if i not in set(train)]
+    return {"train": train, "val": [], "test": test}
+
+
 def ensure_splits(
-    run_dir: str | Path, dataset: Mapping, subjects: Sequence[Subject] | None = None
+    run_dir: str | Path,
+    dataset: Mapping,
+    subjects: Sequence[Subject] | None = None,
+    splits: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Read ``run_dir/splits.json``, or draw the cohort's splits and write them there once.
 
@@ -194,6 +235,7 @@ def ensure_splits(
         dataset: the cohort's dataset entry (its ``split`` block: ``seed``, ``test_fraction``,
             ``val_fraction``; and ``test_ids`` when published).
         subjects: the cohort's subjects, if already listed.
+        splits: splits drawn elsewhere (e.g. :func:`draw_target`) to write instead.
 
     Returns:
         The splits, as in :func:`make_splits`.
@@ -210,16 +252,23 @@ def ensure_splits(
                 f"{' with subjects missing here' if missing else ''}; this run folder belongs "
                 f"to another cohort: choose another run name (name=...)"
             )
+        if splits is not None and any(sorted(splits[k]) != kept[k] for k in kept):
+            raise io.InputError(
+                f"{path}: holds other splits than this run draws; this run folder belongs "
+                f"to another run: choose another run name (name=...)"
+            )
         return kept
     split = dict(dataset.get("split") or {})
     test_ids = dataset.get("test_ids")
-    splits = make_splits(
-        [s.id for s in subjects],
-        None if test_ids is None else list(test_ids),
-        split.get("test_fraction", 0.25),
-        split.get("val_fraction", 0.2),
-        split.get("seed", 0),
-    )
+    if splits is None:
+        splits = make_splits(
+            [s.id for s in subjects],
+            None if test_ids is None else list(test_ids),
+            split.get("test_fraction", 0.25),
+            split.get("val_fraction", 0.2),
+            split.get("seed", 0),
+        )
+    splits = {k: sorted(map(str, splits[k])) for k in ("train", "val", "test")}
     record = {"dataset": dataset.get("name"), "seed": split.get("seed", 0), **splits}
     with io.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2))

@@ -153,6 +153,55 @@ class PatchDataset(Dataset):
         return batch
 
 
+class FeatureDataset(Dataset):
+    """Samples whose frozen conv features were computed once (fine-tuning with a frozen stack).
+
+    Batches hold ``features`` (B×1620, for :meth:`SubcorticalNet.from_conv_features`),
+    ``prior`` and ``target``, in the order of the samples of the :class:`PatchDataset` they
+    replace, so both datasets serve the same batches for the same indices.
+
+    Args:
+        features: N×1620 conv features of the pooled samples.
+        prior: N×15 atlas probabilities.
+        targets: N classes.
+        indices: which pooled samples this dataset serves.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        prior: torch.Tensor,
+        targets: torch.Tensor,
+        indices: np.ndarray | None = None,
+    ):
+        self.features, self.prior, self.targets = features, prior.float(), targets.long()
+        total = len(self.targets)
+        self.indices = torch.arange(total) if indices is None else torch.as_tensor(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices: np.ndarray) -> FeatureDataset:
+        """The same features (shared, not copied) serving other samples."""
+        view = copy.copy(self)
+        view.indices = torch.as_tensor(indices)
+        return view
+
+    def __getitem__(self, index: int) -> dict:
+        """One sample (prefer batches: see ``__getitems__``)."""
+        batch = self.__getitems__([index])
+        return {key: value[0] for key, value in batch.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        """A whole batch: ``features``, ``prior``, ``target``."""
+        rows = self.indices[torch.as_tensor(indices, dtype=torch.long)]
+        return {
+            "features": self.features[rows].float(),
+            "prior": self.prior[rows],
+            "target": self.targets[rows],
+        }
+
+
 def collate_batch(batch: dict) -> dict:
     """DataLoader ``collate_fn`` for :class:`PatchDataset`: its batches are already whole."""
     return batch

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from subseg.model import PATH_FEATURES, VIEWS, PathNet, SubcorticalNet
+from subseg.model import CONV_FEATURES, PATH_FEATURES, VIEWS, PathNet, SubcorticalNet
 from subseg.patches import AFTER, BEFORE, VIEW_AXES, pad_volume
 
 
@@ -30,16 +30,8 @@ def _folded(block: torch.nn.Sequential) -> tuple[torch.Tensor, torch.Tensor, tor
     return weight, bias, act.weight
 
 
-def path_dense(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
-    """Evaluate one path densely.
-
-    Args:
-        path: a path of the network, in eval mode.
-        slices: B×1×(H+31)×(W+31) slices, padded 16 before and 15 after in-plane.
-
-    Returns:
-        B×180×H×W: pixel (i, j) holds the path's output for the patch centred on (i, j).
-    """
+def _conv_stack(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
+    """The à trous convolution stack: B×60×(H+8)×(W+8) conv5 maps (dense layer not applied)."""
     if path.training:
         raise RuntimeError("dense evaluation needs eval mode (BatchNorm statistics, no dropout)")
     x = slices
@@ -51,8 +43,39 @@ def path_dense(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
             x = F.max_pool2d(x, 2, stride=1)
         elif index == 3:
             x = F.max_pool2d(x, 2, stride=1, dilation=2)
+    return x
+
+
+def path_dense(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
+    """Evaluate one path densely.
+
+    Args:
+        path: a path of the network, in eval mode.
+        slices: B×1×(H+31)×(W+31) slices, padded 16 before and 15 after in-plane.
+
+    Returns:
+        B×180×H×W: pixel (i, j) holds the path's output for the patch centred on (i, j).
+    """
+    x = _conv_stack(path, slices)
     weight = path.dense.weight.view(PATH_FEATURES, -1, 3, 3)
     return F.prelu(F.conv2d(x, weight, path.dense.bias, dilation=4), path.dense_act.weight)
+
+
+def path_conv_dense(path: PathNet, slices: torch.Tensor) -> torch.Tensor:
+    """The conv features of every pixel (:meth:`PathNet.conv_features`), densely.
+
+    Args:
+        path: a path of the network, in eval mode.
+        slices: B×1×(H+31)×(W+31) slices, padded as in :func:`path_dense`.
+
+    Returns:
+        B×540×H×W: the 60 × 3 × 3 conv5 values the dense layer of pixel (i, j)'s patch sees,
+        in ``flatten`` order (channel, row, column).
+    """
+    x = _conv_stack(path, slices)
+    height, width = x.shape[-2] - 8, x.shape[-1] - 8
+    # unfold orders its output (channel, kernel row, kernel column), as flatten(1) of B×60×3×3.
+    return F.unfold(x, kernel_size=3, dilation=4).view(len(x), -1, height, width)
 
 
 @torch.no_grad()
@@ -73,18 +96,42 @@ def dense_path_features(
     Returns:
         N×540 features in the order of ``torch.nonzero(roi)`` (axial, coronal, sagittal blocks).
     """
+    return _per_voxel(model, volume, roi, path_dense, PATH_FEATURES)
+
+
+@torch.no_grad()
+def dense_conv_features(
+    model: SubcorticalNet, volume: torch.Tensor, roi: torch.Tensor
+) -> torch.Tensor:
+    """The three paths' conv features (N×1620) of every ROI voxel, evaluated densely.
+
+    What :meth:`SubcorticalNet.from_conv_features` takes: with the convolutions frozen,
+    fine-tuning computes these once and trains only the fully-connected layers on them.
+
+    Args:
+        model: the network, in eval mode.
+        volume: X×Y×Z z-scored volume (canonical orientation).
+        roi: X×Y×Z boolean mask of the voxels to evaluate.
+
+    Returns:
+        N×1620 in the order of ``torch.nonzero(roi)`` (axial, coronal, sagittal blocks of 540).
+    """
+    return _per_voxel(model, volume, roi, path_conv_dense, CONV_FEATURES)
+
+
+def _per_voxel(model, volume, roi, evaluate, width: int) -> torch.Tensor:
     device = next(model.parameters()).device
     volume = volume.to(device=device, dtype=torch.float32)
     roi = roi.to(device=device, dtype=torch.bool)
     padded = pad_volume(volume)
     rows = torch.full(roi.shape, -1, dtype=torch.long, device=device)
     rows[roi] = torch.arange(int(roi.sum()), device=device)
-    out = torch.empty((int(roi.sum()), PATH_FEATURES * len(VIEWS)), device=device)
+    out = torch.empty((int(roi.sum()), width * len(VIEWS)), device=device)
     context = BEFORE + AFTER
     for v, view in enumerate(VIEWS):
         fixed = VIEW_AXES[view][0]
         path = model.paths[view]
-        columns = slice(v * PATH_FEATURES, (v + 1) * PATH_FEATURES)
+        columns = slice(v * width, (v + 1) * width)
         # Moving the fixed axis first leaves (row, column) in ascending axis order, as patches.
         planes, targets = padded.movedim(fixed, 0), rows.movedim(fixed, 0)
         for index in torch.nonzero(roi.movedim(fixed, 0).flatten(1).any(dim=1)).flatten().tolist():
@@ -92,7 +139,7 @@ def dense_path_features(
             (r0, c0), (r1, c1) = _extent(target >= 0)
             crop = planes[index + BEFORE, r0 : r1 + context, c0 : c1 + context]
             # One slice at a time in channels-last layout was fastest on CPU (notes/STACK.md).
-            features = path_dense(
+            features = evaluate(
                 path, crop[None, None].contiguous(memory_format=torch.channels_last)
             )
             inside = target[r0:r1, c0:c1]

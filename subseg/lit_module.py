@@ -36,7 +36,9 @@ class SegmentationModule(L.LightningModule):
         self.net = SubcorticalNet(dropout)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Logits (B×15) of a batch from :class:`subseg.data.PatchDataset`."""
+        """Logits (B×15) of a :class:`subseg.data.PatchDataset` or ``FeatureDataset`` batch."""
+        if "features" in batch:  # frozen conv stacks, their outputs cached
+            return self.net.from_conv_features(batch["features"], batch["prior"])
         return self.net(*(batch[view] for view in VIEWS), batch["prior"])
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:

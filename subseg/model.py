@@ -23,6 +23,8 @@ VIEWS = ("axial", "coronal", "sagittal")
 
 CONV_CHANNELS = (20, 20, 40, 40, 60)
 PATH_FEATURES = 180
+CONV_FEATURES = 540
+"""Per path: conv5's 60 channels × 3 × 3, the input of the path's dense layer."""
 NUM_CLASSES = 15
 
 
@@ -56,19 +58,30 @@ class PathNet(nn.Module):
         self.pool2 = nn.MaxPool2d(2)
         self.conv5 = _conv_block(c4, c5)
         self.dropout = nn.Dropout(dropout)
-        self.dense = nn.Linear(c5 * 3 * 3, PATH_FEATURES)
+        self.dense = nn.Linear(CONV_FEATURES, PATH_FEATURES)
         self.dense_act = nn.PReLU(PATH_FEATURES, init=0.25)
 
     def conv_blocks(self) -> list[nn.Sequential]:
         """The five convolution blocks, in order."""
         return [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5]
 
-    def forward(self, patch: torch.Tensor) -> torch.Tensor:
-        """Map B×1×32×32 patches to B×180 features."""
+    def conv_features(self, patch: torch.Tensor) -> torch.Tensor:
+        """The convolution stack's output, flattened: B×1×32×32 patches → B×540.
+
+        With the convolutions frozen (fine-tuning) this is a fixed function of the patch, which
+        :func:`subseg.dense.dense_conv_features` computes once per voxel and caches.
+        """
         x = self.conv2(self.conv1(patch))
         x = self.conv4(self.conv3(self.pool1(x)))
-        x = self.conv5(self.pool2(x))
-        return self.dense_act(self.dense(self.dropout(x.flatten(1))))
+        return self.conv5(self.pool2(x)).flatten(1)
+
+    def fully_connected(self, conv_features: torch.Tensor) -> torch.Tensor:
+        """Dropout, the dense 540 → 180 layer and its PReLU, on B×540 conv features."""
+        return self.dense_act(self.dense(self.dropout(conv_features)))
+
+    def forward(self, patch: torch.Tensor) -> torch.Tensor:
+        """Map B×1×32×32 patches to B×180 features."""
+        return self.fully_connected(self.conv_features(patch))
 
 
 class SubcorticalNet(nn.Module):
@@ -119,6 +132,18 @@ class SubcorticalNet(nn.Module):
     def forward(self, axial, coronal, sagittal, atlas) -> torch.Tensor:
         """B×15 logits from three B×1×32×32 patches and the B×15 atlas prior."""
         return self.head(self.path_features((axial, coronal, sagittal)), atlas)
+
+    def from_conv_features(self, conv_features: torch.Tensor, atlas: torch.Tensor) -> torch.Tensor:
+        """B×15 logits from the three paths' conv features and the atlas prior.
+
+        Args:
+            conv_features: B×1620, the axial, coronal and sagittal blocks of 540 of
+                :meth:`PathNet.conv_features`.
+            atlas: B×15 prior, background first.
+        """
+        blocks = conv_features.split(CONV_FEATURES, dim=1)
+        paths = [self.paths[view].fully_connected(x) for view, x in zip(VIEWS, blocks, strict=True)]
+        return self.head(torch.cat(paths, dim=1), atlas)
 
 
 def count_trainable(module: nn.Module) -> int:

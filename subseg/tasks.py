@@ -185,7 +185,12 @@ def demo(cfg: DictConfig) -> dict:
     return summaries
 
 
-def prepare_run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, list, object]:
+def prepare_run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    splits: Mapping | None = None,
+    atlas_cfg: Mapping | None = None,
+) -> tuple[dict, list, object]:
     """Set up a run folder: cohort on disk, splits drawn once, every subject checked and primed.
 
     Each subject's files are checked and its atlas prior computed (cached beside the subject),
@@ -195,16 +200,18 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, list, objec
     Args:
         cfg: a composed task config with ``dataset`` and ``atlas`` entries.
         run_dir: the run folder (Hydra's output directory).
+        splits: splits drawn by the task (default: the cohort's own, drawn once).
+        atlas_cfg: the atlas to use instead of ``cfg.atlas`` (a source run's).
 
     Returns:
         (the splits written to ``run_dir/splits.json``, the cohort's subjects, the atlas source).
     """
     run_dir = Path(run_dir)
     dataset = _as_dict(cfg.dataset)
-    atlas_cfg = _as_dict(cfg.atlas)
+    atlas_cfg = _as_dict(cfg.atlas) if atlas_cfg is None else dict(atlas_cfg)
     protocol = dataset["label_ids"]
     subjects = cohort.list_subjects(dataset)
-    splits = cohort.ensure_splits(run_dir, dataset, subjects)
+    splits = cohort.ensure_splits(run_dir, dataset, subjects, splits)
     check = transforms.LoadSubjectd(protocol=protocol)
     for subject in subjects:  # every file first: a bad one fails before minutes of registration
         check(subject.as_item())
@@ -219,20 +226,6 @@ def prepare_run(cfg: DictConfig, run_dir: str | Path) -> tuple[dict, list, objec
         prior = atlas.subject_prior(image, atlas_cfg, source)
         atlas.save_prior_qc(image, prior, run_dir / "qc" / f"{subject.id}_prior.png")
     return splits, subjects, source
-
-
-def not_built_yet(cfg: DictConfig, run_dir: str | Path, what: str, issue: int) -> None:
-    """Prepare the run folder, then stop with a clear message about the missing stage."""
-    splits, _, _ = prepare_run(cfg, run_dir)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    print(
-        f"subseg: {cfg.dataset.name}: splits ({sizes}) written to {Path(run_dir) / 'splits.json'}",
-        file=sys.stderr,
-    )
-    print(
-        f"subseg: {what} is not built yet (issue #{issue}); nothing else was run.", file=sys.stderr
-    )
-    raise SystemExit(3)
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -287,6 +280,116 @@ def _write_table(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _cached_subjects(by_id, protocol, atlas_cfg, source, num_workers=0, landmarks=None):
+    """A function: subject ids → a MONAI ``CacheDataset`` of preprocessed subjects with priors."""
+    from monai.data import CacheDataset
+
+    from subseg import data
+
+    pipeline = transforms.Pipeline(
+        [
+            *transforms.preprocessing(protocol, landmarks).transforms,
+            data.AtlasPriord(atlas_cfg, source),
+        ]
+    )
+
+    def cached(ids):
+        items = [by_id[i].as_item() for i in ids]
+        return CacheDataset(items, pipeline, num_workers=int(num_workers), progress=False)
+
+    return cached
+
+
+def _pooled_samples(items, recipe: Mapping, rng: np.random.Generator):
+    """Sample every subject (METHOD.md §4) and split the pooled samples into train/validation.
+
+    Returns:
+        (the subjects' :class:`subseg.data.SubjectSamples`, train indices, validation indices).
+    """
+    from subseg import data
+
+    samples = [data.subject_samples(item, rng, recipe["samples_per_subject"]) for item in items]
+    owner = np.concatenate([np.full(len(s.targets), i) for i, s in enumerate(samples)])
+    by_subject = owner if recipe["split_level"] == "subject" else None
+    train_idx, val_idx = data.split_indices(len(owner), recipe["val_fraction"], rng, by_subject)
+    return samples, train_idx, val_idx
+
+
+def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks=()):
+    """Fit ``module`` on ``pooled`` samples with checkpointing and early stopping.
+
+    Returns:
+        (the best checkpoint's path on the main process, ``None`` on the others (DDP);
+        the trainer).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from subseg import data
+
+    def loader(subset, shuffle):
+        return DataLoader(
+            pooled.subset(subset),
+            batch_size=int(recipe["batch_size"]),
+            shuffle=shuffle,
+            collate_fn=data.collate_batch,
+            num_workers=int(cfg.num_workers),
+        )
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=recipe["monitor"],
+        mode=recipe["mode"],
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    early = EarlyStopping(
+        monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
+    )
+    trainer = L.Trainer(
+        max_epochs=int(recipe["max_epochs"]),
+        max_time=recipe["max_time"],
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        logger=_loggers(cfg, run_dir),
+        callbacks=[checkpoint, early, *callbacks],
+        default_root_dir=run_dir,
+        log_every_n_steps=10,
+    )
+    train_idx, val_idx = indices
+    trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
+    if not trainer.is_global_zero:
+        return None, trainer
+    return checkpoint.best_model_path or checkpoint.last_model_path, trainer
+
+
+def _finish(run_dir: Path, net, test_items, by_id, loggers=(), extra=None) -> dict:
+    """Evaluate on the test subjects; write ``metrics.csv``, ``summary.json`` and figures."""
+    rows = evaluate_subjects(
+        net, [(by_id[item["id"]], item) for item in test_items], run_dir / "qc"
+    )
+    summary = metrics.summarize(rows)
+    summary.update(extra or {})
+    _write_table(rows, run_dir / "metrics.csv")
+    with io.atomic_path(run_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    log = run_dir / "logs" / "metrics.csv"
+    if log.is_file():
+        figures.learning_curve(log, run_dir / "learning_curve.png")
+    overlays = sorted(str(p) for p in (run_dir / "qc").glob("*_seg.png"))[:4]
+    for logger in loggers:
+        if hasattr(logger, "log_image") and overlays:  # W&B: a few test overlays on the dashboard
+            logger.log_image(key="test/segmentations", images=overlays)
+            logger.log_metrics(
+                {f"test/dice_{k}": v["mean"] for k, v in summary["per_structure"].items()}
+            )
+    return summary
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train a network from scratch on a source cohort and evaluate it on the test split.
 
@@ -302,9 +405,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         The test summary (``avg``, ``wavg``, ``per_structure``).
     """
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from monai.data import CacheDataset
-    from torch.utils.data import DataLoader
 
     from subseg import data
     from subseg.lit_module import SegmentationModule, VolumeDice, VolumeSubject
@@ -313,96 +413,329 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     splits, subjects, source = prepare_run(cfg, run_dir)
     dataset, atlas_cfg, recipe = _as_dict(cfg.dataset), _as_dict(cfg.atlas), _as_dict(cfg.recipe)
-    protocol = dataset["label_ids"]
     by_id = {s.id: s for s in subjects}
-    pipeline = transforms.Pipeline(
-        [*transforms.preprocessing(protocol).transforms, data.AtlasPriord(atlas_cfg, source)]
-    )
-
-    def cached(ids):
-        items = [by_id[i].as_item() for i in ids]
-        return CacheDataset(items, pipeline, num_workers=int(cfg.num_workers), progress=False)
+    cached = _cached_subjects(by_id, dataset["label_ids"], atlas_cfg, source, cfg.num_workers)
 
     rng = np.random.default_rng(int(cfg.seed))
-    train_items = cached(splits["train"])
-    samples = [
-        data.subject_samples(item, rng, recipe["samples_per_subject"]) for item in train_items
-    ]
-    owner = np.concatenate([np.full(len(s.targets), i) for i, s in enumerate(samples)])
-    by_subject = owner if recipe["split_level"] == "subject" else None
-    train_idx, val_idx = data.split_indices(len(owner), recipe["val_fraction"], rng, by_subject)
+    samples, train_idx, val_idx = _pooled_samples(cached(splits["train"]), recipe, rng)
     pooled = data.PatchDataset(samples)
-    del train_items, samples  # the padded copies in ``pooled`` are all training needs
+    del samples  # the padded copies in ``pooled`` are all training needs
 
-    def loader(indices, shuffle):
-        return DataLoader(
-            pooled.subset(indices),
-            batch_size=int(recipe["batch_size"]),
-            shuffle=shuffle,
-            collate_fn=data.collate_batch,
-            num_workers=int(cfg.num_workers),
-        )
-
-    val_items = cached(splits["val"])
     volume_subjects = [
         VolumeSubject(
             item["id"], np.asarray(item["image"][0]), item["prior"], np.asarray(item["label"][0])
         )
-        for item in val_items
+        for item in cached(splits["val"])
     ]
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=recipe["monitor"],
-        mode=recipe["mode"],
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
-    trainer = L.Trainer(
-        max_epochs=int(recipe["max_epochs"]),
-        max_time=recipe["max_time"],
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-        logger=_loggers(cfg, run_dir),
-        callbacks=[
-            checkpoint,
-            EarlyStopping(
-                monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
-            ),
-            VolumeDice(volume_subjects, int(recipe["volume_dice_every"])),
-        ],
-        default_root_dir=run_dir,
-        log_every_n_steps=10,
-    )
     module = SegmentationModule(dropout=float(recipe["dropout"]), lr=float(recipe["lr"]))
-    trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
-    if not trainer.is_global_zero:
-        return {}
-
-    best = checkpoint.best_model_path or checkpoint.last_model_path
-    net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
-    test_items = cached(splits["test"])
-    rows = evaluate_subjects(
-        net, [(by_id[item["id"]], item) for item in test_items], run_dir / "qc"
+    best, trainer = _fit(
+        cfg,
+        run_dir,
+        module,
+        pooled,
+        (train_idx, val_idx),
+        recipe,
+        [VolumeDice(volume_subjects, int(recipe["volume_dice_every"]))],
     )
-    summary = metrics.summarize(rows)
-    summary["checkpoint"] = str(Path(best).relative_to(run_dir))
-    _write_table(rows, run_dir / "metrics.csv")
-    with io.atomic_path(run_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    figures.learning_curve(run_dir / "logs" / "metrics.csv", run_dir / "learning_curve.png")
-    overlays = sorted(str(p) for p in (run_dir / "qc").glob("*_seg.png"))[:4]
-    for logger in trainer.loggers:
-        if hasattr(logger, "log_image") and overlays:  # W&B: a few test overlays on the dashboard
-            logger.log_image(key="test/segmentations", images=overlays)
-            logger.log_metrics(
-                {f"test/dice_{k}": v["mean"] for k, v in summary["per_structure"].items()}
-            )
+    if best is None:
+        return {}
+    net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
+    summary = _finish(
+        run_dir,
+        net,
+        cached(splits["test"]),
+        by_id,
+        trainer.loggers,
+        {"checkpoint": str(Path(best).relative_to(run_dir))},
+    )
     print(
         f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "
         f"{summary['n_subjects']} subjects; run folder {run_dir}"
+    )
+    return summary
+
+
+def _source_run(cfg: DictConfig) -> tuple[Path | None, dict | None]:
+    """The source run folder named by ``cfg.source_run`` and its composed config."""
+    if not cfg.get("source_run"):
+        return None, None
+    folder = Path(cfg.source_run)
+    config = folder / ".hydra" / "config.yaml"
+    if not (folder / "checkpoints" / "best.ckpt").is_file() or not config.is_file():
+        raise io.InputError(
+            f"{folder}: not a finished training run (needs checkpoints/best.ckpt and "
+            f".hydra/config.yaml)"
+        )
+    return folder, _as_dict(OmegaConf.load(config))
+
+
+def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
+    """The atlas config a run's network was trained with, its built atlas located.
+
+    A fine-tuning run from a source model uses its source run's atlas; ``atlas=source_labels``
+    is built inside the training run (``<run>/atlas``).
+    """
+    upstream_run = run_cfg.get("source_run") if run_cfg.get("init", "source") == "source" else None
+    if upstream_run:
+        upstream = Path(upstream_run)
+        return run_atlas(_as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml")), upstream)
+    atlas_cfg = dict(run_cfg["atlas"])
+    if atlas_cfg.get("kind") == "source_labels" and not atlas_cfg.get("path"):
+        atlas_cfg["path"] = str(run_dir / "atlas")
+    return atlas_cfg
+
+
+def _nyul_landmarks(source_dir: Path, source_cfg: Mapping, run_dir: Path) -> list[float]:
+    """The source training images' standard scale (Nyúl stage one), kept in the run folder."""
+    path = run_dir / "nyul_landmarks.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    dataset = source_cfg["dataset"]
+    train_ids = set(json.loads((source_dir / "splits.json").read_text())["train"])
+    zscore = transforms.preprocessing(None)
+    images = [
+        zscore({"image": str(s.image)})["image"][0].numpy()
+        for s in cohort.list_subjects(dataset)
+        if s.id in train_ids
+    ]
+    landmarks = [float(v) for v in transforms.learn_standard_scale(images)]
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(landmarks))
+    return landmarks
+
+
+def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Adapt a source model to a target cohort from k labelled images, and evaluate it.
+
+    ``target.n_images=0`` is No TL: the source model evaluated as is. ``init=scratch`` trains
+    the same k images from random weights (the scratch-k baseline). ``intensity=nyul``
+    standardises the target images to the source training images' histogram first.
+
+    Writes to ``run_dir``: ``splits.json`` (the k drawn images; the rest are tested),
+    ``transfer.json`` (copied/skipped/reset tensors, frozen modules, whether features were
+    cached), ``checkpoints/best.ckpt``, ``logs/``, ``metrics.csv`` and ``summary.json`` on the
+    target test subjects, and with ``evaluate_source`` ``source_test/`` (the same files on the
+    source cohort's test subjects: what adaptation costs on the old scanner).
+
+    Args:
+        cfg: the composed ``conf/finetune.yaml``.
+        run_dir: the run folder.
+
+    Returns:
+        The target test summary.
+    """
+    import lightning as L
+    import torch
+
+    from subseg import data, transfer
+    from subseg.lit_module import SegmentationModule
+
+    run_dir = Path(run_dir)
+    L.seed_everything(int(cfg.seed), workers=True)
+    source_dir, source_cfg = _source_run(cfg)
+    scratch = cfg.init == "scratch"
+    if not scratch and source_dir is None:
+        raise io.InputError("name the source model: source_run=<training run folder>")
+    atlas_cfg = run_atlas(source_cfg, source_dir) if source_dir else _as_dict(cfg.atlas)
+    dataset, recipe = _as_dict(cfg.dataset), _as_dict(cfg.recipe)
+    preset = transfer.FreezePreset.from_config(_as_dict(cfg.freeze))
+    k = int(cfg.target.n_images)
+    if scratch and k == 0:
+        raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
+    ids = [s.id for s in cohort.list_subjects(dataset)]
+    test_ids = dataset.get("test_ids")
+    draw = cohort.draw_target(
+        ids, k, int(cfg.target.draw), test_ids, int((dataset.get("split") or {}).get("seed", 0))
+    )
+    splits, subjects, source = prepare_run(cfg, run_dir, draw, atlas_cfg)
+    landmarks = None
+    if cfg.intensity == "nyul":
+        if source_dir is None:
+            raise io.InputError("intensity=nyul standardises to a source cohort: name source_run")
+        landmarks = _nyul_landmarks(source_dir, source_cfg, run_dir)
+    by_id = {s.id: s for s in subjects}
+    cached = _cached_subjects(
+        by_id, dataset["label_ids"], atlas_cfg, source, cfg.num_workers, landmarks
+    )
+    dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
+    module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
+    record = {"init": "scratch" if scratch else str(source_dir), "n_images": k}
+    if not scratch:
+        loaded = transfer.load_source_weights(module.net, source_dir / "checkpoints" / "best.ckpt")
+        record.update(copied=len(loaded["copied"]), skipped=loaded["skipped"])
+        record["missing"] = loaded["missing"]
+        print(
+            f"subseg: loaded {len(loaded['copied'])} tensors from {source_dir}; skipped "
+            f"{loaded['skipped'] or 'none'}; left at initialisation {loaded['missing'] or 'none'}"
+        )
+
+    if k == 0:  # No TL: the source model as is
+        best = run_dir / "checkpoints" / "best.ckpt"
+        best.parent.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(best) as tmp:
+            tmp.write_bytes((source_dir / "checkpoints" / "best.ckpt").read_bytes())
+        net, loggers = module.net.eval(), ()
+    else:
+        torch.manual_seed(int(cfg.seed))  # the reset layers' initialisation
+        callbacks = []
+        if not scratch:
+            record["reset"] = transfer.reset_layers(module.net, preset)
+            callbacks.append(transfer.FreezeSchedule(preset))
+        rng = np.random.default_rng(int(cfg.seed))
+        samples, train_idx, val_idx = _pooled_samples(cached(splits["train"]), recipe, rng)
+        record["cached_features"] = not scratch and transfer.caches_conv_features(
+            module.net, preset
+        )
+        if record["cached_features"]:
+            pooled = data.FeatureDataset(
+                torch.cat([transfer.conv_features_of(module.net, s) for s in samples]),
+                torch.cat([s.prior for s in samples]),
+                torch.cat([s.targets for s in samples]),
+            )
+        else:
+            pooled = data.PatchDataset(samples)
+        del samples
+        record["samples"] = {"train": len(train_idx), "val": len(val_idx)}
+        best, trainer = _fit(cfg, run_dir, module, pooled, (train_idx, val_idx), recipe, callbacks)
+        if best is None:
+            return {}
+        net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
+        loggers = trainer.loggers
+        record["frozen"] = sorted(
+            n for n, p in module.net.named_parameters() if not p.requires_grad
+        )
+    with io.atomic_path(run_dir / "transfer.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    summary = _finish(
+        run_dir,
+        net,
+        cached(splits["test"]),
+        by_id,
+        loggers,
+        {"checkpoint": "checkpoints/best.ckpt", "n_images": k, "method": method_key(cfg)},
+    )
+    print(
+        f"subseg: {method_key(cfg)} on {dataset['name']}: test mean Dice {summary['avg']:.3f} "
+        f"(wDSC {summary['wavg']:.3f}) over {summary['n_subjects']} subjects; run folder {run_dir}"
+    )
+    if cfg.evaluate_source and source_dir is not None:
+        source_test = json.loads((source_dir / "splits.json").read_text())["test"]
+        retained = evaluate_on(
+            net,
+            source_cfg["dataset"],
+            source_test,
+            atlas_cfg,
+            run_dir / "source_test",
+            landmarks,
+            {"method": method_key(cfg)},
+        )
+        summary["source_test"] = {"avg": retained["avg"], "wavg": retained["wavg"]}
+        print(f"subseg: on the source cohort's test subjects: mean Dice {retained['avg']:.3f}")
+    return summary
+
+
+def method_key(cfg: DictConfig) -> str:
+    """The report's name of a fine-tuning run's method (no_tl, tl3, scratch3, nyul_no_tl)."""
+    k = int(cfg.target.n_images)
+    prefix = "nyul_" if cfg.intensity == "nyul" else ""
+    if cfg.init == "scratch":
+        return f"{prefix}scratch{k}"
+    preset = "" if cfg.freeze.name == "paper" else f"_{cfg.freeze.name}"
+    return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}"
+
+
+def evaluate_on(
+    net,
+    dataset: Mapping,
+    test_ids: list[str] | None,
+    atlas_cfg: Mapping,
+    out_dir: Path,
+    landmarks=None,
+    extra: Mapping | None = None,
+) -> dict:
+    """Segment a cohort's test subjects with ``net``; write ``metrics.csv`` and ``summary.json``.
+
+    Args:
+        net: the network, in eval mode.
+        dataset: the cohort (a ``conf/dataset`` entry).
+        test_ids: the subjects to segment (``None``: every subject of the cohort).
+        atlas_cfg: the atlas the network was trained with.
+        out_dir: where the files go.
+        landmarks: Nyúl standard landmarks, when the network was trained on standardised images.
+        extra: more entries for ``summary.json``.
+
+    Returns:
+        The summary.
+    """
+    dataset = dict(dataset)
+    subjects = cohort.list_subjects(dataset)
+    by_id = {s.id: s for s in subjects}
+    ids = sorted(by_id) if test_ids is None else list(test_ids)
+    unknown = sorted(set(ids) - set(by_id))
+    if unknown:
+        raise io.InputError(f"{dataset['root']}: test subjects not found: {unknown}")
+    source = atlas.load_source(dict(atlas_cfg))
+    cached = _cached_subjects(by_id, dataset["label_ids"], atlas_cfg, source, 0, landmarks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _finish(
+        out_dir, net, cached(ids), by_id, (), {"dataset": dataset["name"], **(extra or {})}
+    )
+
+
+def _run_landmarks(run_dir: Path | None):
+    path = None if run_dir is None else run_dir / "nyul_landmarks.json"
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Evaluate a trained or fine-tuned model on a cohort's test subjects.
+
+    ``run_dir=<run folder>`` rebuilds everything from the folder: its checkpoint, atlas, intensity
+    standardisation, cohort and test split (``dataset=<cohort>`` evaluates it on another cohort:
+    that cohort's published test list, or all its subjects). ``ckpt=<file> dataset=<cohort>``
+    evaluates a bare checkpoint with ``cfg.atlas``.
+
+    Writes ``metrics.csv`` (subject, structure, dsc, hd95_mm, assd_mm, vol_ref_mm3,
+    vol_pred_mm3), ``summary.json`` (avg, wavg, per-structure mean/std) and ``qc/`` to
+    ``out_dir``.
+
+    Returns:
+        The summary.
+    """
+    out_dir = Path(out_dir)
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else None
+    run_cfg = None
+    if run_dir is not None:
+        config = run_dir / ".hydra" / "config.yaml"
+        if not config.is_file():
+            raise io.InputError(f"{run_dir}: not a subseg run folder (no .hydra/config.yaml)")
+        run_cfg = _as_dict(OmegaConf.load(config))
+    checkpoint = cfg.get("ckpt") or (run_dir / "checkpoints" / "best.ckpt" if run_dir else None)
+    if checkpoint is None:
+        raise io.InputError("name a model: run_dir=<run folder> or ckpt=<file> dataset=<cohort>")
+    dataset = _as_dict(cfg.dataset) if cfg.get("dataset") else None
+    if dataset is None and run_cfg is None:
+        raise io.InputError(f"{checkpoint}: name the cohort to evaluate on: dataset=<cohort>")
+    own = run_cfg is not None and (dataset is None or dataset["name"] == run_cfg["dataset"]["name"])
+    if own:
+        dataset = run_cfg["dataset"] if dataset is None else dataset
+        test_ids = json.loads((run_dir / "splits.json").read_text())["test"]
+    else:
+        test_ids = dataset.get("test_ids")
+    atlas_cfg = run_atlas(run_cfg, run_dir) if run_cfg else _as_dict(cfg.atlas)
+    net = load_network(checkpoint)
+    summary = evaluate_on(
+        net,
+        dataset,
+        None if test_ids is None else list(test_ids),
+        atlas_cfg,
+        out_dir,
+        _run_landmarks(run_dir),
+        {"checkpoint": str(checkpoint)},
+    )
+    print(
+        f"subseg: {dataset['name']}: mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f})"
+        f" over {summary['n_subjects']} subjects; written to {out_dir}"
     )
     return summary
 

@@ -73,6 +73,22 @@ def test_dense_equals_patches_over_a_border_touching_roi():
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(len(coords)))
 
 
+def test_dense_conv_features_equal_patches_and_give_the_same_logits():
+    model = _randomised_eval_model(seed=3)
+    volume, roi = _volume_and_roi(seed=4)
+    coords = torch.nonzero(roi)
+    atlas = torch.softmax(torch.randn(len(coords), NUM_CLASSES), dim=1)
+    with torch.no_grad():
+        batch = patches.extract_patches(patches.pad_volume(volume), coords)
+        reference = torch.cat([model.paths[v].conv_features(batch[v]) for v in VIEWS], dim=1)
+        logits = model(*(batch[v] for v in VIEWS), atlas)
+    features = dense.dense_conv_features(model, volume, roi)
+    assert features.shape == (len(coords), 3 * 540)
+    assert (features - reference).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (model.from_conv_features(features, atlas) - logits).abs().max() < 1e-4
+
+
 def test_dense_follows_the_weights_it_is_given():
     # No stale copies: changing the model's weights changes the dense output identically.
     model = _randomised_eval_model()

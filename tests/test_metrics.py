@@ -48,3 +48,20 @@ def test_summary():
     assert thal["mean"] == pytest.approx((0.9 + 1.0) / 2)
     present = [v["mean"] for v in summary["per_structure"].values() if not np.isnan(v["mean"])]
     assert summary["avg"] == pytest.approx(np.mean(present))
+
+
+def test_dice_agrees_with_monai_dice_metric():
+    import torch
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 15, (30, 32, 28)).astype(np.uint8)
+    prediction = np.where(rng.random(reference.shape) < 0.3, 0, reference).astype(np.uint8)
+    rows = metrics.structure_metrics("s", prediction, reference, (1.0, 1.0, 1.5))
+    metric = DiceMetric(include_background=False, reduction="none")
+    expected = metric(
+        one_hot(torch.from_numpy(prediction.astype(np.int64))[None, None], 15),
+        one_hot(torch.from_numpy(reference.astype(np.int64))[None, None], 15),
+    )[0].numpy()
+    np.testing.assert_allclose([r["dsc"] for r in rows], expected, rtol=1e-6)

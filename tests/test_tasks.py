@@ -58,23 +58,20 @@ def test_demo_generates_and_summarises_both_cohorts(tmp_path):
     assert image.stat().st_mtime_ns == stamp  # the cached cohort was reused
 
 
-@pytest.mark.slow
-def test_unbuilt_entry_point_prepares_the_run_folder(tmp_path):
-    result = _run(
-        "finetune.py",
-        "dataset=synth_tiny_source",
-        "atlas=none",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.output_dir={tmp_path / 'out'}",
-        cwd=tmp_path,
+def test_finetune_and_evaluate_name_what_is_missing_in_one_line(tmp_path):
+    result = _run("finetune.py", f"source_run={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"subseg: error: {tmp_path}: not a finished training run (needs checkpoints/best.ckpt "
+        f"and .hydra/config.yaml)"
     )
-    run = tmp_path / "out" / "finetune" / "synth_tiny_source_tl1_d0"
-    assert result.returncode == 3, result.stderr
-    assert "not built yet (issue #5)" in result.stderr
-    splits = json.loads((run / "splits.json").read_text())
-    assert splits["test"] == ["s003"] and len(splits["train"]) + len(splits["val"]) == 3
-    assert (run / ".hydra" / "config.yaml").is_file()
-    assert sorted(p.name for p in (run / "qc").iterdir()) == [f"s00{i}_prior.png" for i in range(4)]
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    result = _run(
+        "evaluate.py", f"ckpt={tmp_path / 'junk.ckpt'}", "dataset=synth_tiny_target", cwd=tmp_path
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"subseg: error: {tmp_path / 'junk.ckpt'}: not a readable")
 
 
 @pytest.mark.slow

@@ -1,0 +1,120 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from subseg import io, tasks
+
+SOURCE = [
+    "dataset=synth_tiny_source",
+    "atlas=none",
+    "recipe.samples_per_subject=400",
+    "recipe.max_epochs=2",
+    "recipe.volume_dice_every=2",
+    "recipe.batch_size=64",
+    "logger=csv",
+]
+TARGET = [
+    "dataset=synth_tiny_target",
+    "recipe.samples_per_subject=300",
+    "recipe.max_epochs=2",
+    "recipe.batch_size=64",
+    "logger=csv",
+]
+
+
+def _run(script, *overrides, cwd):
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(cwd)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A tiny source model trained by train.py (a real run folder, .hydra included)."""
+    root = tmp_path_factory.mktemp("ft")
+    paths = [f"paths.data_dir={root / 'data'}", f"paths.output_dir={root / 'out'}"]
+    _run("train.py", *SOURCE, *paths, cwd=root)
+    return root, paths, root / "out" / "train" / "synth_tiny_source"
+
+
+def _finetune(root, paths, source, run_name, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[*TARGET, *paths, f"source_run={source}", *overrides])
+    run = root / "out" / "finetune" / run_name
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra's own run folders
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return tasks.finetune(cfg, run), run
+
+
+@pytest.mark.slow
+def test_no_tl_and_tl1_with_cached_features(source_run):
+    root, paths, source = source_run
+    no_tl, run0 = _finetune(root, paths, source, "k0", "target.n_images=0")
+    assert no_tl["method"] == "no_tl" and no_tl["n_subjects"] == 4  # nothing drawn: all tested
+    assert (run0 / "checkpoints" / "best.ckpt").read_bytes() == (
+        source / "checkpoints" / "best.ckpt"
+    ).read_bytes()
+
+    tl1, run1 = _finetune(root, paths, source, "k1", "target.n_images=1")
+    assert tl1["method"] == "tl1" and tl1["n_subjects"] == 3
+    splits = json.loads((run1 / "splits.json").read_text())
+    assert len(splits["train"]) == 1 and splits["train"][0] not in splits["test"]
+    record = json.loads((run1 / "transfer.json").read_text())
+    assert record["cached_features"] and record["reset"] == ["classifier"]
+    assert record["copied"] == len(torch.load(source / "checkpoints" / "best.ckpt")["state_dict"])
+    assert not record["skipped"] and not record["missing"]
+    # Frozen conv blocks (BatchNorm statistics included) are the source's; the head moved.
+    before = torch.load(source / "checkpoints" / "best.ckpt")["state_dict"]
+    after = torch.load(run1 / "checkpoints" / "best.ckpt")["state_dict"]
+    for name, value in before.items():
+        if ".conv" in name:
+            assert torch.equal(after[name], value), name
+    assert not torch.equal(after["net.fc1.weight"], before["net.fc1.weight"])
+    assert (run1 / "metrics.csv").is_file() and (run1 / "learning_curve.png").is_file()
+    retained = json.loads((run1 / "source_test" / "summary.json").read_text())
+    assert retained["dataset"] == "synth_tiny_source" and retained["n_subjects"] == 1
+
+    # evaluate.py rebuilds the model from the run folder alone and finds the same Dice.
+    _run("evaluate.py", f"run_dir={run1}", *paths, "name=again", cwd=root)
+    again = json.loads((root / "out" / "evaluate" / "again" / "summary.json").read_text())
+    assert again["avg"] == pytest.approx(tl1["avg"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_scratch_and_nyul_baselines(source_run):
+    root, paths, source = source_run
+    scratch, run = _finetune(
+        root, paths, source, "s1", "target.n_images=1", "init=scratch", "freeze=none"
+    )
+    assert scratch["method"] == "scratch1"
+    record = json.loads((run / "transfer.json").read_text())
+    assert record["init"] == "scratch" and not record["cached_features"]
+
+    nyul, run = _finetune(root, paths, source, "n0", "target.n_images=0", "intensity=nyul")
+    assert nyul["method"] == "nyul_no_tl"
+    landmarks = json.loads((run / "nyul_landmarks.json").read_text())
+    assert len(landmarks) > 3 and landmarks == sorted(landmarks)
+
+
+def test_finetune_without_a_source_is_one_line(tmp_path):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}"])
+    with pytest.raises(io.InputError, match="name the source model: source_run="):
+        tasks.finetune(cfg, tmp_path / "run")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[*TARGET, f"source_run={tmp_path}"])
+    with pytest.raises(io.InputError, match="not a finished training run"):
+        tasks.finetune(cfg, tmp_path / "run")
