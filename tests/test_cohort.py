@@ -166,3 +166,18 @@ def test_a_run_folder_keeps_its_own_cohort(tmp_path):
         cohort.ensure_splits(
             tmp_path, _dataset("folder", f"dataset.root={first}", "dataset.test_ids=[zz]")
         )
+
+
+def test_target_draws_are_nested_seeded_and_test_the_rest():
+    ids = [f"t{i:02d}" for i in range(10)]
+    draws = [cohort.draw_target(ids, k, draw=1) for k in range(8)]
+    for smaller, larger in zip(draws, draws[1:], strict=False):
+        assert set(smaller["train"]) < set(larger["train"])  # TL-k ⊂ TL-(k+1)
+    for split in draws:
+        assert sorted(split["train"] + split["test"]) == ids and not split["val"]
+    assert cohort.draw_target(ids, 3, draw=1) == draws[3]  # seeded
+    assert cohort.draw_target(ids, 3, draw=0)["train"] != draws[3]["train"]
+    published = cohort.draw_target(ids, 2, draw=0, test_ids=["t00", "t01"])
+    assert published["test"] == ["t00", "t01"] and not set(published["train"]) & {"t00", "t01"}
+    with pytest.raises(io.InputError, match="target.n_images=9: the cohort has 8 subjects"):
+        cohort.draw_target(ids, 9, test_ids=["t00", "t01"])

@@ -118,3 +118,38 @@ def test_finetune_without_a_source_is_one_line(tmp_path):
         cfg = compose("finetune", overrides=[*TARGET, f"source_run={tmp_path}"])
     with pytest.raises(io.InputError, match="not a finished training run"):
         tasks.finetune(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_run):
+    root, paths, source = source_run
+    _run(
+        "finetune.py",
+        "-m",
+        *TARGET,
+        *paths,
+        f"source_run={source}",
+        "target.n_images=1,2",
+        "evaluate_source=false",
+        cwd=root,
+    )
+    sweep = root / "out" / "finetune"
+    made = sorted(p.name for p in sweep.glob("synth_tiny_target_k[12]_d0_source_paper_zscore"))
+    assert len(made) == 2
+    first = json.loads((sweep / made[0] / "splits.json").read_text())["train"]
+    second = json.loads((sweep / made[1] / "splits.json").read_text())["train"]
+    assert set(first) < set(second)  # nested draws: TL-1 ⊂ TL-2
+
+    result = subprocess.run(
+        [sys.executable, "-m", "subseg.report", str(sweep), "--out", str(root / "report")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((root / "report" / "summary.json").read_text())
+    assert {"tl1", "tl2"} <= set(summary["methods"])
+    table = (root / "report" / "report.md").read_text()
+    assert "| structure |" in table and "tl2" in table
+    assert (root / "report" / "learning_curve.png").stat().st_size > 5_000

@@ -1,0 +1,358 @@
+"""Gather the run folders of a transfer-learning protocol into the paper's tables and figures.
+
+Every fine-tuning run folder describes itself (``summary.json`` with its method key,
+``metrics.csv``, ``.hydra/config.yaml`` with its draw, ``source_test/`` when evaluated back on the
+source cohort). This module reads a set of them, whatever launched them (a Hydra multirun, the
+demo, a SLURM sweep), and writes:
+
+- ``report.md`` and ``report.csv``: structures × methods, mean ± std Dice, Avg, wAvg, and the
+  paired Wilcoxon p-value of each method against a baseline (Holm-corrected across the table);
+  a source-domain retention table when the runs were evaluated back on the source cohort;
+- ``summary.json``: ``{"methods": {key: {"avg", "wavg", "per_structure", …}}}``;
+- ``learning_curve.png``: Avg Dice against k, one line per method family (the paper's Fig. 4);
+- ``structures_vs_k.png``: per-structure Dice against k for TL (the paper's Fig. 3).
+
+``python -m subseg.report <folders or sweep roots> --out DIR [--baseline no_tl]``.
+No Lightning or Hydra imports: usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+
+from subseg import io, metrics, stats
+from subseg.labels import STRUCTURES
+
+FAMILIES = (
+    ("no_tl", "No TL"),
+    ("nyul_no_tl", "Nyúl No TL"),
+    ("tl", "TL"),
+    ("nyul_tl", "Nyúl + TL"),
+    ("scratch", "scratch"),
+    ("nyul_scratch", "Nyúl scratch"),
+)
+_KEY = re.compile(r"^(?P<family>[a-z_]+?)(?P<k>\d+)?(?P<preset>_[a-z_]+)?$")
+
+
+@dataclass
+class Run:
+    """One run folder's results."""
+
+    folder: Path
+    method: str
+    n_images: int
+    draw: int
+    rows: list[dict]
+    source_rows: list[dict] = field(default_factory=list)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in metrics.COLUMNS[2:]:
+            row[key] = float(row[key]) if row[key] not in ("", None) else float("nan")
+    return rows
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every fine-tuning run folder at or below ``paths`` (folders with a method summary)."""
+    runs = []
+    for root in map(Path, paths):
+        for summary_path in sorted(root.rglob("summary.json")):
+            folder = summary_path.parent
+            summary = json.loads(summary_path.read_text())
+            if "method" not in summary or folder.name == "source_test":
+                continue
+            config_path = folder / ".hydra" / "config.yaml"
+            config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+            target = config.get("target") or {}
+            source_metrics = folder / "source_test" / "metrics.csv"
+            runs.append(
+                Run(
+                    folder=folder,
+                    method=summary["method"],
+                    n_images=int(summary.get("n_images", target.get("n_images", 0))),
+                    draw=int(target.get("draw", 0)),
+                    rows=_read_rows(folder / "metrics.csv"),
+                    source_rows=_read_rows(source_metrics) if source_metrics.is_file() else [],
+                )
+            )
+    if not runs:
+        raise io.InputError(
+            f"{', '.join(map(str, paths))}: no run folders with summary.json and metrics.csv"
+        )
+    return runs
+
+
+def family_of(method: str) -> tuple[str, int]:
+    """(family, k) of a method key: ``tl3`` → (tl, 3); ``no_tl`` → (no_tl, 0)."""
+    if method in ("no_tl", "nyul_no_tl"):
+        return method, 0
+    match = _KEY.match(method)
+    if not match or match["k"] is None:
+        return method, 0
+    return match["family"] + (match["preset"] or ""), int(match["k"])
+
+
+def _order(method: str) -> tuple:
+    family, k = family_of(method)
+    names = [f for f, _ in FAMILIES]
+    return (names.index(family) if family in names else len(names), family, k)
+
+
+def _grouped(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(run.method, []).append(run)
+    return {m: grouped[m] for m in sorted(grouped, key=_order)}
+
+
+def _pooled(runs: Sequence[Run], source: bool = False) -> list[dict]:
+    """Rows of every run of a method, each subject tagged with its draw."""
+    out = []
+    for run in runs:
+        for row in run.source_rows if source else run.rows:
+            out.append({**row, "subject": f"{row['subject']}@{run.draw}", "draw": run.draw})
+    return out
+
+
+def _pairs(runs: Sequence[Run], baseline: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """Paired Dice (method, baseline) on draw × subject × structure.
+
+    A baseline that draws nothing (No TL) is the same model for every draw: its rows pair with
+    every draw of the method.
+    """
+    method = {
+        (run.draw, r["subject"], r["structure"]): r["dsc"]
+        for run in runs
+        for r in run.rows
+        if np.isfinite(r["dsc"])
+    }
+    base_draws = {run.draw for run in baseline}
+    reference = {}
+    for run in baseline:
+        for r in run.rows:
+            if not np.isfinite(r["dsc"]):
+                continue
+            draws = {d for d, _, _ in method} if len(base_draws) == 1 else {run.draw}
+            for draw in draws:
+                reference[(draw, r["subject"], r["structure"])] = r["dsc"]
+    return stats.paired(method, reference)
+
+
+def summarize_methods(runs: Sequence[Run], baseline: str = "no_tl") -> dict:
+    """Per method: Avg, wAvg, per-structure mean/std, number of runs and subjects, p-values.
+
+    Returns:
+        ``{"baseline": …, "methods": {key: {...}}}`` as written to ``summary.json``.
+    """
+    grouped = _grouped(runs)
+    out = {}
+    for method, method_runs in grouped.items():
+        summary = metrics.summarize(_pooled(method_runs))
+        summary.update(
+            n_runs=len(method_runs),
+            draws=sorted({r.draw for r in method_runs}),
+            n_images=method_runs[0].n_images,
+            avg_per_draw=[metrics.summarize(r.rows)["avg"] for r in method_runs],
+        )
+        if all(r.source_rows for r in method_runs):
+            source = metrics.summarize(_pooled(method_runs, source=True))
+            summary["source_test"] = {"avg": source["avg"], "wavg": source["wavg"]}
+        out[method] = summary
+    if baseline in grouped:
+        compared = [m for m in grouped if m != baseline]
+        raw = [stats.wilcoxon(*_pairs(grouped[m], grouped[baseline])) for m in compared]
+        for method, p, p_holm in zip(compared, raw, stats.holm(raw), strict=True):
+            out[method]["p_vs_baseline"] = p
+            out[method]["p_vs_baseline_holm"] = float(p_holm)
+    return {"baseline": baseline, "methods": out}
+
+
+def _cell(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def table_rows(summary: dict) -> list[dict]:
+    """The paper's layout: one row per structure, then Avg, wAvg and p; a column per method."""
+    methods = summary["methods"]
+    rows = [
+        {"structure": name, **{m: _cell(s["per_structure"][name]) for m, s in methods.items()}}
+        for name in STRUCTURES
+    ]
+    rows.append({"structure": "Avg", **{m: f"{s['avg']:.3f}" for m, s in methods.items()}})
+    rows.append({"structure": "wAvg", **{m: f"{s['wavg']:.3f}" for m, s in methods.items()}})
+    rows.append(
+        {
+            "structure": f"p vs {summary['baseline']} (Holm)",
+            **{
+                m: (f"{s['p_vs_baseline_holm']:.2g}" if "p_vs_baseline_holm" in s else "—")
+                for m, s in methods.items()
+            },
+        }
+    )
+    return rows
+
+
+def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
+    """The report as Markdown: the method table, retention, and notes."""
+    methods = list(summary["methods"])
+    rows = table_rows(summary)
+    lines = [f"# {title}", ""]
+    lines += [
+        "Dice per structure (mean ± std over test subjects × draws); Avg = mean of the 14 "
+        "structures; wAvg = METHOD.md §8's volume-weighted Dice; p = paired two-sided Wilcoxon "
+        f"signed-rank test against {summary['baseline']} on subject × structure Dice, "
+        "Holm-corrected across the table.",
+        "",
+        "| structure | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for row in rows:
+        lines.append(f"| {row['structure']} | " + " | ".join(row[m] for m in methods) + " |")
+    runs = [
+        f"{m}: {s['n_runs']} run(s), draws {s['draws']}, {s['n_subjects']} subject×draw"
+        for m, s in summary["methods"].items()
+    ]
+    lines += ["", "Runs: " + "; ".join(runs) + "."]
+    retained = {m: s["source_test"] for m, s in summary["methods"].items() if "source_test" in s}
+    if retained:
+        lines += [
+            "",
+            "## Source-domain retention",
+            "",
+            "The adapted models evaluated back on the source cohort's test subjects "
+            "(No TL is the source model itself).",
+            "",
+            "| method | source Avg | source wAvg |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {m} | {v['avg']:.3f} | {v['wavg']:.3f} |" for m, v in retained.items()]
+    if notes:
+        lines += ["", "## Findings", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def learning_curve(summary: dict, path: str | Path) -> Path:
+    """Avg Dice against k, one line per method family (the paper's Fig. 4)."""
+    methods = summary["methods"]
+    families: dict[str, list[tuple[int, float, float]]] = {}
+    for method, s in methods.items():
+        family, k = family_of(method)
+        per_draw = np.array(s["avg_per_draw"], dtype=float)
+        spread = float(per_draw.std()) if per_draw.size > 1 else 0.0
+        families.setdefault(family, []).append((k, s["avg"], spread))
+    # No TL is TL with k = 0 (and Nyúl No TL is Nyúl + TL with k = 0).
+    for start, family in (("no_tl", "tl"), ("nyul_no_tl", "nyul_tl")):
+        if start in families and family in families:
+            families[family] = families[start] + families[family]
+    labels = dict(FAMILIES)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for family, points in families.items():
+        points = sorted(points)
+        ks, avg, spread = (np.array(v) for v in zip(*points, strict=True))
+        ax.errorbar(ks, avg, yerr=spread, marker="o", capsize=3, label=labels.get(family, family))
+    ax.set(xlabel="labelled target images k", ylabel="Avg Dice (14 structures)")
+    ax.set_title("Transfer learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def structures_vs_k(summary: dict, path: str | Path, family: str = "tl") -> Path | None:
+    """Per-structure Dice against k for one family, No TL at k = 0 (the paper's Fig. 3)."""
+    points = []
+    for method, s in summary["methods"].items():
+        fam, k = family_of(method)
+        if fam == family or (family == "tl" and method == "no_tl"):
+            points.append((k, s["per_structure"]))
+    if len(points) < 2:
+        return None
+    points.sort(key=lambda p: p[0])
+    ks = [k for k, _ in points]
+    pairs = [name.removeprefix("left_") for name in STRUCTURES if name.startswith("left_")]
+    fig = Figure(figsize=(12, 3.2))
+    axes = fig.subplots(1, len(pairs), sharey=True)
+    for ax, name in zip(axes, pairs, strict=True):
+        for side in ("left", "right"):
+            values = [p[f"{side}_{name}"]["mean"] for _, p in points]
+            ax.plot(ks, values, marker="o", label=side)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice")
+    axes[0].legend(fontsize=7)
+    fig.supxlabel("labelled target images k (0 = No TL)")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return path
+
+
+def write_report(
+    runs: Sequence[Run],
+    out_dir: str | Path,
+    baseline: str = "no_tl",
+    title: str = "subseg transfer-learning report",
+    notes: Sequence[str] = (),
+) -> dict:
+    """Write ``report.md``, ``report.csv``, ``summary.json`` and the figures to ``out_dir``.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize_methods(runs, baseline)
+    summary["runs"] = {str(r.folder): r.method for r in runs}
+    rows = table_rows(summary)
+    with io.atomic_path(out_dir / "report.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["structure", *summary["methods"]])
+        writer.writeheader()
+        writer.writerows(rows)
+    with io.atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    with io.atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text(markdown(summary, title, notes))
+    learning_curve(summary, out_dir / "learning_curve.png")
+    structures_vs_k(summary, out_dir / "structures_vs_k.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m subseg.report RUN_OR_SWEEP_FOLDER… --out DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m subseg.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("folders", nargs="+", help="run folders or folders holding them")
+    parser.add_argument("--out", required=True, help="where the report goes")
+    parser.add_argument("--baseline", default="no_tl", help="method the p-values compare against")
+    args = parser.parse_args(argv)
+    try:
+        summary = write_report(find_runs(args.folders), args.out, args.baseline)
+    except io.InputError as exc:
+        raise SystemExit(f"subseg: error: {exc}") from None
+    for method, s in summary["methods"].items():
+        print(f"{method:>14}: Avg {s['avg']:.3f}  wAvg {s['wavg']:.3f}  ({s['n_runs']} run(s))")
+    print(f"subseg: report written to {Path(args.out) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+import csv
+import json
+
+import pytest
+import yaml
+
+from subseg import metrics, report, stats
+from subseg.labels import STRUCTURES
+
+
+def _run_folder(root, method, k, draw, dice_by_subject, source=None):
+    folder = root / f"{method}_d{draw}"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"target": {"n_images": k, "draw": draw}})
+    )
+    rows = [
+        {
+            "subject": subject,
+            "structure": name,
+            "dsc": dice + 0.01 * i,
+            "hd95_mm": 1.0,
+            "assd_mm": 0.5,
+            "vol_ref_mm3": 100.0 + 10 * i,
+            "vol_pred_mm3": 100.0,
+        }
+        for subject, dice in dice_by_subject.items()
+        for i, name in enumerate(STRUCTURES)
+    ]
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=metrics.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {**metrics.summarize(rows), "method": method, "n_images": k}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if source is not None:
+        _run_folder(folder, "x", 0, 0, source)
+        (folder / "x_d0").rename(folder / "source_test")
+    return folder
+
+
+def test_report_table_statistics_and_figures(tmp_path):
+    runs = tmp_path / "runs"
+    subjects = [f"t{i}" for i in range(6)]
+    _run_folder(runs, "no_tl", 0, 0, {s: 0.5 for s in subjects}, source={"s1": 0.8})
+    for draw in (0, 1):
+        _run_folder(runs, "tl1", 1, draw, {s: 0.7 + 0.01 * draw for s in subjects[1:]})
+        _run_folder(runs, "tl2", 2, draw, {s: 0.75 for s in subjects[2:]})
+    _run_folder(runs, "scratch2", 2, 0, {s: 0.4 for s in subjects[2:]})
+    out = tmp_path / "report"
+    summary = report.write_report(report.find_runs([runs]), out)
+
+    methods = summary["methods"]
+    assert list(methods) == ["no_tl", "tl1", "tl2", "scratch2"]
+    assert methods["tl1"]["n_runs"] == 2 and methods["tl1"]["n_subjects"] == 10
+    assert methods["tl1"]["avg"] == pytest.approx(0.705 + 0.065, abs=1e-9)
+    assert methods["no_tl"]["source_test"]["avg"] == pytest.approx(0.865)
+    # p of tl1 vs No TL: scipy's Wilcoxon on draw × subject × structure pairs, Holm-corrected.
+    a = [0.7 + 0.01 * d + 0.01 * i for d in (0, 1) for _ in subjects[1:] for i in range(14)]
+    b = [0.5 + 0.01 * i for _ in (0, 1) for _ in subjects[1:] for i in range(14)]
+    raw = [
+        stats.wilcoxon(a, b),
+        methods["tl2"]["p_vs_baseline"],
+        methods["scratch2"]["p_vs_baseline"],
+    ]
+    assert methods["tl1"]["p_vs_baseline"] == pytest.approx(raw[0])
+    assert methods["tl1"]["p_vs_baseline_holm"] == pytest.approx(stats.holm(raw)[0])
+
+    with open(out / "report.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["structure"] for r in table[:14]] == list(STRUCTURES)
+    assert table[14]["structure"] == "Avg" and table[14]["tl2"] == f"{methods['tl2']['avg']:.3f}"
+    text = (out / "report.md").read_text()
+    assert "Source-domain retention" in text and "| no_tl | 0.865 |" in text
+    assert (out / "learning_curve.png").stat().st_size > 5_000
+    assert (out / "structures_vs_k.png").stat().st_size > 5_000
+
+
+def test_method_families():
+    assert report.family_of("tl3") == ("tl", 3)
+    assert report.family_of("nyul_tl2") == ("nyul_tl", 2)
+    assert report.family_of("scratch3") == ("scratch", 3)
+    assert report.family_of("no_tl") == ("no_tl", 0)
+    assert report.family_of("tl1_bn_only") == ("tl_bn_only", 1)
