@@ -10,7 +10,7 @@ STAMP := $(VENV)/.subseg-installed
 #   make demo TORCH_SPEC="torch==2.13.0+cpu"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format clean bench
+.PHONY: install demo demo-quick test test-fast lint format clean bench
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) demo.py
+
+demo-quick: $(STAMP)
+	$(PY) demo.py --config-name demo_quick
 
 test: $(STAMP)
 	$(PY) -m pytest

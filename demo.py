@@ -3,14 +3,15 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import tasks
+from subseg import protocol, tasks
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
-    """Run the demo."""
+    """Summarise the cohorts, then run the protocol and write the report."""
     with tasks.cli_errors():
         tasks.demo(cfg)
+        protocol.run(cfg)
 
 
 if __name__ == "__main__":

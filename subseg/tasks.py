@@ -446,7 +446,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         cached(splits["test"]),
         by_id,
         trainer.loggers,
-        {"checkpoint": str(Path(best).relative_to(run_dir))},
+        {"checkpoint": str(Path(best).resolve().relative_to(run_dir.resolve()))},
     )
     print(
         f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "
@@ -472,12 +472,11 @@ def _source_run(cfg: DictConfig) -> tuple[Path | None, dict | None]:
 def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
     """The atlas config a run's network was trained with, its built atlas located.
 
-    A fine-tuning run from a source model uses its source run's atlas; ``atlas=source_labels``
+    A fine-tuning run naming a source run uses the source run's atlas; ``atlas=source_labels``
     is built inside the training run (``<run>/atlas``).
     """
-    upstream_run = run_cfg.get("source_run") if run_cfg.get("init", "source") == "source" else None
-    if upstream_run:
-        upstream = Path(upstream_run)
+    if run_cfg.get("source_run"):  # fine-tuning (or scratch-k beside it) uses the source's atlas
+        upstream = Path(run_cfg["source_run"])
         return run_atlas(_as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml")), upstream)
     atlas_cfg = dict(run_cfg["atlas"])
     if atlas_cfg.get("kind") == "source_labels" and not atlas_cfg.get("path"):

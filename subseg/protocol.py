@@ -1,0 +1,132 @@
+"""The paper's protocol end to end, as ``make demo`` runs it on the synthetic cohorts.
+
+Train a source model (or reuse a finished one), run every method of ``cfg.methods`` as a
+fine-tuning run (No TL, TL-k, scratch-k, Nyúl …: each one a set of ``finetune.py`` overrides,
+not code), gather them with :mod:`subseg.report`, and check the paper's qualitative findings.
+Each step is the same function the entry points call, on a config composed by Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from subseg import io, report, tasks
+
+
+def _compose(name: str, overrides: list[str], run_dir: Path) -> DictConfig:
+    """Compose a task config and record it in the run folder, as Hydra's own runs do."""
+    cfg = compose(name, overrides=overrides)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    return cfg
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() and (
+        run_dir / "checkpoints" / "best.ckpt"
+    ).is_file()
+
+
+def findings(methods: Mapping[str, Mapping]) -> list[dict]:
+    """The paper's qualitative findings, each checked on the methods' Avg Dice.
+
+    Returns:
+        One dict per finding that the methods allow checking: ``claim``, ``holds``, ``values``.
+    """
+    avg = {m: s["avg"] for m, s in methods.items()}
+    checks = [
+        (
+            "No TL clearly below TL-1 (by >= 0.10 Avg Dice)",
+            ("no_tl", "tl1"),
+            lambda a, b: b - a >= 0.10,
+        ),
+        ("TL-3 >= TL-1", ("tl3", "tl1"), lambda a, b: a >= b),
+        ("TL-3 > scratch-3", ("tl3", "scratch3"), lambda a, b: a > b),
+        ("Nyúl No TL > plain No TL", ("nyul_no_tl", "no_tl"), lambda a, b: a > b),
+    ]
+    out = []
+    for claim, (a, b), test in checks:
+        if a in avg and b in avg:
+            out.append(
+                {
+                    "claim": claim,
+                    "holds": bool(test(avg[a], avg[b])),
+                    "values": {a: avg[a], b: avg[b]},
+                }
+            )
+    return out
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the protocol of a ``conf/demo*.yaml`` config and write the report.
+
+    Writes to ``cfg.output_dir``: ``runs/source`` (unless ``cfg.source_run`` names a finished
+    run), ``runs/<method>`` for every method, ``report.md``, ``report.csv``, ``summary.json``,
+    ``learning_curve.png`` and ``structures_vs_k.png``.
+
+    Returns:
+        The report's summary (with ``findings``).
+    """
+    out_dir = Path(cfg.output_dir)
+    common = [f"paths.data_dir={cfg.paths.data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
+    started = time.perf_counter()
+    timings = {}
+
+    source_dir = Path(cfg.source_run) if cfg.source_run else out_dir / "runs" / "source"
+    if _finished(source_dir):
+        print(f"subseg demo: reusing the source run {source_dir}")
+    elif cfg.source_run:
+        raise io.InputError(f"{source_dir}: not a finished training run")
+    else:
+        print("subseg demo: [source] training on the source cohort")
+        overrides = [*common, f"dataset={cfg.source.name}", *cfg.train_overrides]
+        tasks.train(_compose("train", overrides, source_dir), source_dir)
+        timings["source"] = time.perf_counter() - started
+
+    names = list(cfg.methods)
+    for index, method in enumerate(names, 1):
+        print(f"subseg demo: [{index}/{len(names)}] {method}")
+        tick = time.perf_counter()
+        run_dir = out_dir / "runs" / method
+        shutil.rmtree(run_dir, ignore_errors=True)  # a demo-owned folder: start it afresh
+        overrides = [
+            *common,
+            f"dataset={cfg.target.name}",
+            f"source_run={source_dir}",
+            *cfg.target_overrides,
+            *cfg.finetune_overrides,
+            *cfg.methods[method],
+        ]
+        summary = tasks.finetune(_compose("finetune", overrides, run_dir), run_dir)
+        if summary.get("method") != method:
+            raise ValueError(
+                f"demo method {method} ran as {summary.get('method')}: fix its overrides"
+            )
+        timings[method] = time.perf_counter() - tick
+
+    runs = report.find_runs([out_dir / "runs" / m for m in names])
+    summary = report.summarize_methods(runs, "no_tl")
+    checked = findings(summary["methods"])
+    notes = [
+        f"{'holds' if f['holds'] else 'does NOT hold'}: {f['claim']} — "
+        + ", ".join(f"{k} {v:.3f}" for k, v in f["values"].items())
+        for f in checked
+    ]
+    notes += list(cfg.report_notes)
+    summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
+    summary["findings"] = checked
+    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    with io.atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    for note in notes[: len(checked)]:
+        print(f"subseg demo: {note}")
+    print(f"subseg demo: report in {out_dir / 'report.md'} ({summary['seconds']['total']:.0f} s)")
+    return summary
