@@ -604,6 +604,67 @@ def subject_prior(image: io.Volume, cfg: Mapping, source: AtlasSource | None) ->
     return prior
 
 
+def ensure_priors(
+    image_paths: Sequence[str | Path],
+    cfg: Mapping,
+    source: AtlasSource | None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Register the atlas to every image whose prior is not cached yet, in parallel processes.
+
+    One ANTs registration keeps two cores only partly busy; one single-threaded registration
+    per core gets more subjects through. Each prior lands in the cache exactly as
+    :func:`subject_prior` would write it (same key, same entry).
+
+    Args:
+        image_paths: T1 files.
+        cfg: the ``conf/atlas`` entry.
+        source: from :func:`load_source` (``None``: nothing to register).
+        workers: processes (default: one per core this process may use).
+        progress: show a progress bar.
+
+    Returns:
+        How many priors were computed.
+    """
+    if source is None:
+        return 0
+    todo = [
+        Path(p) for p in image_paths if _load_entry(*cache_folder(Path(p), cfg, source)) is None
+    ]
+    workers = max(1, min(len(todo), workers or len(os.sched_getaffinity(0))))
+    description = f"atlas registration ({source.name})"
+    if workers == 1:
+        for path in _progress(todo, description, progress):
+            subject_prior(io.load_image(path), cfg, source)
+        return len(todo)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # "spawn": workers start free of the parent's threads (torch); each loads ITK single-threaded.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(source,)
+    ) as pool:
+        futures = [pool.submit(_worker_prior, str(path), dict(cfg)) for path in todo]
+        for future in _progress(as_completed(futures), description, progress):
+            future.result()
+    return len(todo)
+
+
+_WORKER_SOURCE: AtlasSource | None = None
+
+
+def _start_worker(source: AtlasSource) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+    _ants(1)  # one ITK thread per worker process (ITK reads it once, when the library loads)
+
+
+def _worker_prior(path: str, cfg: Mapping) -> None:
+    subject_prior(io.load_image(path), cfg, _WORKER_SOURCE)
+
+
 def _cached_prior(folder: Path, key: str, shape: tuple) -> Prior | None:
     """The cached prior if the entry is whole, matches ``key`` and is self-consistent."""
     entry = _load_entry(folder, key)

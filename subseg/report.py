@@ -40,6 +40,8 @@ FAMILIES = (
     ("nyul_tl", "Nyúl + TL"),
     ("scratch", "scratch"),
     ("nyul_scratch", "Nyúl scratch"),
+    ("mixed", "mixed"),
+    ("nyul_mixed", "Nyúl mixed"),
 )
 _KEY = re.compile(r"^(?P<family>[a-z_]+?)(?P<k>\d+)?(?P<preset>_[a-z_]+)?$")
 

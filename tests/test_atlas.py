@@ -219,3 +219,23 @@ def test_unwritable_cache_is_one_line(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(io.InputError, match="cannot write the cache here.*atlas.cache_dir"):
         atlas._publish(blocker / "entry", "k", {}, {})
+
+
+@pytest.mark.slow
+def test_priors_registered_in_parallel_land_in_the_cache(tiny_cohorts, tmp_path, monkeypatch):
+    cfg = _atlas_cfg("harvard_oxford", tmp_path / "cache")
+    source = atlas.load_source(cfg)
+    root = tiny_cohorts["target"]
+    paths = [root / "images" / f"t00{i}.nii.gz" for i in range(2)]
+    assert atlas.ensure_priors(paths, cfg, source, workers=2, progress=False) == 2
+    assert atlas.ensure_priors(paths, cfg, source, workers=2, progress=False) == 0
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("the prior should come from the cache")
+
+    monkeypatch.setattr(atlas, "register_prior", no_registration)
+    for index in range(len(paths)):
+        image, truth = _subject(root, f"t00{index}", "aseg")
+        prior = atlas.subject_prior(image, cfg, source)
+        dice = [_dice(prior.argmax() == c, truth == c) for c in range(1, labels.NUM_CLASSES)]
+        assert np.mean(dice) >= 0.5, dice

@@ -94,7 +94,7 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
 
 
 @pytest.mark.slow
-def test_scratch_and_nyul_baselines(source_run):
+def test_scratch_mixed_and_nyul_baselines(source_run):
     root, paths, source = source_run
     scratch, run = _finetune(
         root, paths, source, "s1", "target.n_images=1", "init=scratch", "freeze=none"
@@ -102,6 +102,22 @@ def test_scratch_and_nyul_baselines(source_run):
     assert scratch["method"] == "scratch1"
     record = json.loads((run / "transfer.json").read_text())
     assert record["init"] == "scratch" and not record["cached_features"]
+
+    mixed, run = _finetune(
+        root,
+        paths,
+        source,
+        "m1",
+        "target.n_images=1",
+        "init=scratch",
+        "freeze=none",
+        "mix_source=true",
+    )
+    assert mixed["method"] == "mixed1"
+    source_train = json.loads((source / "splits.json").read_text())["train"]
+    assert json.loads((run / "transfer.json").read_text())["mixed_source_images"] == len(
+        source_train
+    )
 
     nyul, run = _finetune(root, paths, source, "n0", "target.n_images=0", "intensity=nyul")
     assert nyul["method"] == "nyul_no_tl"

@@ -23,16 +23,12 @@ def _run(script, *overrides, cwd):
 
 
 @pytest.mark.slow
-def test_demo_generates_and_summarises_both_cohorts(tmp_path):
-    result = _run(
-        "demo.py",
-        *TINY,
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"output_dir={tmp_path / 'demo'}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "demo" / "cohorts.json").read_text())
+def test_demo_quick_tells_the_whole_story(tmp_path):
+    common = [f"paths.data_dir={tmp_path / 'data'}", f"output_dir={tmp_path / 'demo'}"]
+    result = _run("demo.py", "--config-name", "demo_quick", *common, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "demo"
+    summary = json.loads((out / "cohorts.json").read_text())
     source, target = summary["source"], summary["target"]
     assert source["n_subjects"] == target["n_subjects"] == 4
     assert source["orientations"] == ["RAS"] and target["orientations"] == ["LIA"]
@@ -40,22 +36,27 @@ def test_demo_generates_and_summarises_both_cohorts(tmp_path):
     for cohort_summary in (source, target):
         volumes = cohort_summary["structure_volumes_mm3"]
         assert len(volumes) == 14 and all(v["mean"] > 100 for v in volumes.values())
-    text = (tmp_path / "demo" / "cohorts.md").read_text()
-    assert "synth_tiny_target — 4 subjects" in text and "left_putamen" in text
-    assert "left_putamen" in result.stdout
-    assert (tmp_path / "demo" / "cohorts.png").stat().st_size > 10_000
+    assert "synth_tiny_target — 4 subjects" in (out / "cohorts.md").read_text()
+    assert (out / "cohorts.png").stat().st_size > 10_000
+
+    report = json.loads((out / "summary.json").read_text())
+    keys = {"no_tl", "tl1", "tl2", "tl3", "scratch3", "nyul_no_tl"}
+    assert set(report["methods"]) == keys
+    for method in report["methods"].values():
+        assert 0.0 <= method["avg"] <= 1.0 and len(method["per_structure"]) == 14
+    assert len(report["findings"]) == 4
+    assert "source_test" in report["methods"]["tl3"]  # retention on the source scanner
+    text = (out / "report.md").read_text()
+    assert "| structure | no_tl |" in text and "Source-domain retention" in text
+    assert (out / "learning_curve.png").stat().st_size > 5_000
 
     image = tmp_path / "data" / "synth" / "synth_tiny_source" / "images" / "s000.nii.gz"
     stamp = image.stat().st_mtime_ns
-    again = _run(
-        "demo.py",
-        *TINY,
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"output_dir={tmp_path / 'demo'}",
-        cwd=tmp_path,
-    )
-    assert again.returncode == 0
+    only_no_tl = [f"~methods.{m}" for m in sorted(keys - {"no_tl"})]
+    again = _run("demo.py", "--config-name", "demo_quick", *common, *only_no_tl, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
     assert image.stat().st_mtime_ns == stamp  # the cached cohort was reused
+    assert "reusing the source run" in again.stdout
 
 
 def test_finetune_and_evaluate_name_what_is_missing_in_one_line(tmp_path):
