@@ -102,7 +102,27 @@ def split_indices(
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-class PatchDataset(Dataset):
+class _SampleView(Dataset):
+    """Shared by the sample datasets: a view on pooled samples through ``indices``."""
+
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices: np.ndarray):
+        """The same samples (shared, not copied) serving other indices."""
+        view = copy.copy(self)
+        view.indices = torch.as_tensor(indices)
+        return view
+
+    def __getitem__(self, index: int) -> dict:
+        """One sample (prefer batches: see ``__getitems__``)."""
+        batch = self.__getitems__([index])
+        return {key: value[0] for key, value in batch.items()}
+
+
+class PatchDataset(_SampleView):
     """Samples of several subjects; a batch of indices becomes a batch of patches at once.
 
     ``__getitems__`` (which PyTorch's DataLoader calls with a whole batch of indices) gathers the
@@ -124,20 +144,6 @@ class PatchDataset(Dataset):
         total = len(self.targets)
         self.indices = torch.arange(total) if indices is None else torch.as_tensor(indices)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def subset(self, indices: np.ndarray) -> PatchDataset:
-        """The same subjects (volumes shared, not copied) serving other samples."""
-        view = copy.copy(self)
-        view.indices = torch.as_tensor(indices)
-        return view
-
-    def __getitem__(self, index: int) -> dict:
-        """One sample (prefer batches: see ``__getitems__``)."""
-        batch = self.__getitems__([index])
-        return {key: value[0] for key, value in batch.items()}
-
     def __getitems__(self, indices: Sequence[int]) -> dict:
         """A whole batch: ``axial``/``coronal``/``sagittal`` (B×1×32×32), ``prior``, ``target``."""
         rows = self.indices[torch.as_tensor(indices, dtype=torch.long)]
@@ -153,7 +159,7 @@ class PatchDataset(Dataset):
         return batch
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(_SampleView):
     """Samples whose frozen conv features were computed once (fine-tuning with a frozen stack).
 
     Batches hold ``features`` (B×1620, for :meth:`SubcorticalNet.from_conv_features`),
@@ -177,20 +183,6 @@ class FeatureDataset(Dataset):
         self.features, self.prior, self.targets = features, prior.float(), targets.long()
         total = len(self.targets)
         self.indices = torch.arange(total) if indices is None else torch.as_tensor(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def subset(self, indices: np.ndarray) -> FeatureDataset:
-        """The same features (shared, not copied) serving other samples."""
-        view = copy.copy(self)
-        view.indices = torch.as_tensor(indices)
-        return view
-
-    def __getitem__(self, index: int) -> dict:
-        """One sample (prefer batches: see ``__getitems__``)."""
-        batch = self.__getitems__([index])
-        return {key: value[0] for key, value in batch.items()}
 
     def __getitems__(self, indices: Sequence[int]) -> dict:
         """A whole batch: ``features``, ``prior``, ``target``."""
