@@ -186,39 +186,63 @@ def make_splits(
 
 def draw_target(
     ids: Sequence[str],
-    n_images: int,
+    n_images: int | str,
     draw: int = 0,
     test_ids: Sequence[str] | None = None,
     seed: int = 0,
+    leave_out: int | str | None = None,
 ) -> dict[str, list[str]]:
     """The target images of TL-k, draw j: nested (TL-k ⊂ TL-(k+1) for the same draw).
 
     One seeded permutation of the candidates per draw; TL-k takes its first ``k``. The test
     set is the published list, or every subject not drawn for training (METHOD.md §5).
+    ``n_images="all"`` takes every candidate (full training on the target); with ``leave_out``
+    the one subject named is the test set and every other is a candidate (a leave-one-out fold).
 
     Args:
         ids: the cohort's subject ids.
-        n_images: k, the labelled target images to fine-tune on (0: No TL).
+        n_images: k, the labelled target images to fine-tune on (0: No TL), or ``"all"``.
         draw: j, which random draw.
         test_ids: the published test list, if any (never drawn for training).
         seed: the cohort's split seed.
+        leave_out: a subject id, or an index into the sorted ids: the only test subject.
 
     Returns:
         ``{"train": [...], "val": [], "test": [...]}`` (validation is voxel-level).
 
     Raises:
-        io.InputError: more images asked for than the cohort has outside its test list.
+        io.InputError: more images asked for than the cohort has outside its test list, or a
+            ``leave_out`` subject the cohort does not have.
     """
     ids = sorted(map(str, ids))
     published = None if test_ids is None else sorted(map(str, test_ids))
+    if leave_out is not None:
+        if isinstance(leave_out, int) and not isinstance(leave_out, bool):
+            if not 0 <= leave_out < len(ids):
+                raise io.InputError(
+                    f"target.leave_out={leave_out}: the cohort has {len(ids)} subjects "
+                    f"(index 0..{len(ids) - 1})"
+                )
+            leave_out = ids[leave_out]
+        if str(leave_out) not in ids:
+            raise io.InputError(f"target.leave_out={leave_out}: no such subject in the cohort")
+        published = [str(leave_out)]
     candidates = [i for i in ids if published is None or i not in set(published)]
-    if not 0 <= n_images <= len(candidates):
+    if n_images == "all":
+        n_images = len(candidates)
+    if isinstance(n_images, str) or not 0 <= n_images <= len(candidates):
         raise io.InputError(
             f"target.n_images={n_images}: the cohort has {len(candidates)} subjects to draw from"
+            " (give a number or 'all')"
         )
     order = np.random.default_rng([seed, draw]).permutation(candidates).tolist()
     train = sorted(order[:n_images])
     test = published if published is not None else [i for i in ids if i not in set(train)]
+    if not test:
+        raise io.InputError(
+            f"target.n_images={n_images}: every subject would be trained on and none tested; "
+            "keep some out (target.leave_out=… or +experiment=loo, or a published test_ids list)"
+        )
     return {"train": train, "val": [], "test": test}
 
 

@@ -42,6 +42,8 @@ FAMILIES = (
     ("nyul_scratch", "Nyúl scratch"),
     ("mixed", "mixed"),
     ("nyul_mixed", "Nyúl mixed"),
+    ("full", "full training"),
+    ("nyul_full", "Nyúl full training"),
 )
 _KEY = re.compile(r"^(?P<family>[a-z_]+?)(?P<k>\d+)?(?P<preset>_[a-z_]+)?$")
 
@@ -80,6 +82,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
             target = config.get("target") or {}
             source_metrics = folder / "source_test" / "metrics.csv"
+            if summary["method"] == "no_tl" and not source_metrics.is_file():
+                source_metrics = _source_model_metrics(folder)  # No TL is the source model
             runs.append(
                 Run(
                     folder=folder,
@@ -95,6 +99,16 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             f"{', '.join(map(str, paths))}: no run folders with summary.json and metrics.csv"
         )
     return runs
+
+
+def _source_model_metrics(folder: Path) -> Path:
+    """The test metrics of the source run a fine-tuning run started from (its own test split)."""
+    transfer = folder / "transfer.json"
+    init = json.loads(transfer.read_text()).get("init", "") if transfer.is_file() else ""
+    for run in (Path(init), Path(init).parent.parent):  # a run folder or <run>/checkpoints/x.ckpt
+        if (run / "splits.json").is_file() and (run / "metrics.csv").is_file():
+            return run / "metrics.csv"
+    return folder / "source_test" / "metrics.csv"  # absent: no retention row
 
 
 def family_of(method: str) -> tuple[str, int]:
@@ -129,28 +143,23 @@ def _pooled(runs: Sequence[Run], source: bool = False) -> list[dict]:
     return out
 
 
-def _pairs(runs: Sequence[Run], baseline: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
-    """Paired Dice (method, baseline) on draw × subject × structure.
+def _per_subject(runs: Sequence[Run]) -> dict[tuple[str, str], float]:
+    """(subject, structure) → Dice, averaged over the draws that tested the subject."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        for key, dice in stats.dice_by_pair(run.rows).items():
+            values.setdefault(key, []).append(dice)
+    return {key: float(np.mean(v)) for key, v in values.items()}
 
-    A baseline that draws nothing (No TL) is the same model for every draw: its rows pair with
-    every draw of the method.
+
+def _pairs(runs: Sequence[Run], baseline: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """Paired Dice (method, baseline) on the subject × structure pairs both tested.
+
+    Each side's Dice is first averaged over its draws, so every pair is one subject's structure
+    (independent pairs, as the Wilcoxon test assumes) whether a method has one draw (No TL, the
+    same model for every draw) or several.
     """
-    method = {
-        (run.draw, r["subject"], r["structure"]): r["dsc"]
-        for run in runs
-        for r in run.rows
-        if np.isfinite(r["dsc"])
-    }
-    base_draws = {run.draw for run in baseline}
-    reference = {}
-    for run in baseline:
-        for r in run.rows:
-            if not np.isfinite(r["dsc"]):
-                continue
-            draws = {d for d, _, _ in method} if len(base_draws) == 1 else {run.draw}
-            for draw in draws:
-                reference[(draw, r["subject"], r["structure"])] = r["dsc"]
-    return stats.paired(method, reference)
+    return stats.paired(_per_subject(runs), _per_subject(baseline))
 
 
 def summarize_methods(runs: Sequence[Run], baseline: str = "no_tl") -> dict:
@@ -235,7 +244,7 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
             "## Source-domain retention",
             "",
             "The adapted models evaluated back on the source cohort's test subjects "
-            "(No TL is the source model itself).",
+            "(no_tl is the source model itself: what the old scanner had before adaptation).",
             "",
             "| method | source Avg | source wAvg |",
             "|---|---|---|",
@@ -264,6 +273,11 @@ def learning_curve(summary: dict, path: str | Path) -> Path:
     ax = fig.subplots()
     for family, points in families.items():
         points = sorted(points)
+        if family not in ("no_tl", "nyul_no_tl") and [k for k, _, _ in points] == [0]:
+            # Every target image (full training, tl_all): a level to reach, not a point at k=0.
+            ax.axhline(points[0][1], linestyle="--", color="grey", linewidth=1)
+            ax.annotate(labels.get(family, family), (0, points[0][1]), fontsize=8, va="bottom")
+            continue
         ks, avg, spread = (np.array(v) for v in zip(*points, strict=True))
         ax.errorbar(ks, avg, yerr=spread, marker="o", capsize=3, label=labels.get(family, family))
     ax.set(xlabel="labelled target images k", ylabel="Avg Dice (14 structures)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -341,6 +342,9 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
             num_workers=int(cfg.num_workers),
         )
 
+    # A rerun in the same folder starts clean: Lightning would otherwise save best-v1.ckpt beside
+    # the old best.ckpt, which every later step (finetune, evaluate, predict) would load.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -348,6 +352,7 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
         mode=recipe["mode"],
         save_last=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,
     )
     early = EarlyStopping(
         monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
@@ -368,7 +373,13 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
     trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
     if not trainer.is_global_zero:
         return None, trainer
-    return checkpoint.best_model_path or checkpoint.last_model_path, trainer
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    if not best:
+        raise io.InputError(
+            f"{run_dir}: training stopped before its first validation (recipe.max_time="
+            f"{recipe['max_time']}, recipe.max_epochs={recipe['max_epochs']}): no model to keep"
+        )
+    return best, trainer
 
 
 def _finish(run_dir: Path, net, test_items, by_id, loggers=(), extra=None) -> dict:
@@ -459,18 +470,39 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def _source_run(cfg: DictConfig) -> tuple[Path | None, dict | None]:
-    """The source run folder named by ``cfg.source_run`` and its composed config."""
+def _source_folder(path: str | Path) -> Path | None:
+    """The training run folder of ``path``: the folder itself, or the run a checkpoint is in."""
+    path = Path(path)
+    for folder in (path, path.parent.parent):  # <run>/checkpoints/<file>.ckpt
+        if (folder / ".hydra" / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def _source_run(cfg: DictConfig) -> tuple[Path | None, dict | None, Path | None]:
+    """The source model named by ``cfg.source_run``: a training run folder or a checkpoint.
+
+    Returns:
+        (run folder, its composed config, checkpoint); the first two are ``None`` for a bare
+        checkpoint (one trained elsewhere) and all three when no source is named.
+    """
     if not cfg.get("source_run"):
-        return None, None
-    folder = Path(cfg.source_run)
-    config = folder / ".hydra" / "config.yaml"
-    if not (folder / "checkpoints" / "best.ckpt").is_file() or not config.is_file():
-        raise io.InputError(
-            f"{folder}: not a finished training run (needs checkpoints/best.ckpt and "
-            f".hydra/config.yaml)"
+        return None, None, None
+    named = Path(cfg.source_run)
+    if named.is_file():
+        folder = _source_folder(named)
+        return (
+            folder,
+            _as_dict(OmegaConf.load(folder / ".hydra" / "config.yaml")) if folder else None,
+            named,
         )
-    return folder, _as_dict(OmegaConf.load(config))
+    config = named / ".hydra" / "config.yaml"
+    if not (named / "checkpoints" / "best.ckpt").is_file() or not config.is_file():
+        raise io.InputError(
+            f"{named}: not a finished training run (needs checkpoints/best.ckpt and "
+            f".hydra/config.yaml) nor a checkpoint file"
+        )
+    return named, _as_dict(OmegaConf.load(config)), named / "checkpoints" / "best.ckpt"
 
 
 def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
@@ -479,8 +511,8 @@ def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
     A fine-tuning run naming a source run uses the source run's atlas; ``atlas=source_labels``
     is built inside the training run (``<run>/atlas``).
     """
-    if run_cfg.get("source_run"):  # fine-tuning (or scratch-k beside it) uses the source's atlas
-        upstream = Path(run_cfg["source_run"])
+    upstream = _source_folder(run_cfg["source_run"]) if run_cfg.get("source_run") else None
+    if upstream is not None:  # fine-tuning (or scratch-k beside it) uses the source's atlas
         return run_atlas(_as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml")), upstream)
     atlas_cfg = dict(run_cfg["atlas"])
     if atlas_cfg.get("kind") == "source_labels" and not atlas_cfg.get("path"):
@@ -491,8 +523,6 @@ def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
 def _nyul_landmarks(source_dir: Path, source_cfg: Mapping, run_dir: Path) -> list[float]:
     """The source training images' standard scale (Nyúl stage one), kept in the run folder."""
     path = run_dir / "nyul_landmarks.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     dataset = source_cfg["dataset"]
     train_ids = set(json.loads((source_dir / "splits.json").read_text())["train"])
     zscore = transforms.preprocessing(None)
@@ -535,16 +565,22 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    source_dir, source_cfg = _source_run(cfg)
+    _check_finetune_options(cfg)
+    source_dir, source_cfg, source_ckpt = _source_run(cfg)
     scratch = cfg.init == "scratch"
-    if not scratch and source_dir is None:
-        raise io.InputError("name the source model: source_run=<training run folder>")
+    if not scratch and source_ckpt is None:
+        raise io.InputError("name the source model: source_run=<training run folder or .ckpt>")
+    _check_run_folder(run_dir, method_key(cfg), "scratch" if scratch else str(source_ckpt))
     atlas_cfg = run_atlas(source_cfg, source_dir) if source_dir else _as_dict(cfg.atlas)
+    if source_ckpt is not None and source_dir is None:
+        print(
+            f"subseg: {source_ckpt} is a bare checkpoint: using atlas={atlas_cfg.get('name')} "
+            "(the atlas it was trained with is unknown) and no source-domain evaluation",
+            file=sys.stderr,
+        )
     dataset, recipe = _as_dict(cfg.dataset), _as_dict(cfg.recipe)
     preset = transfer.FreezePreset.from_config(_as_dict(cfg.freeze))
-    k = int(cfg.target.n_images)
-    if scratch and k == 0:
-        raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
+    requested = cfg.target.n_images
     if cfg.mix_source and (not scratch or source_dir is None):
         raise io.InputError(
             "mix_source=true trains from scratch on a source run's images too: "
@@ -553,13 +589,24 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     ids = [s.id for s in cohort.list_subjects(dataset)]
     test_ids = dataset.get("test_ids")
     draw = cohort.draw_target(
-        ids, k, int(cfg.target.draw), test_ids, int((dataset.get("split") or {}).get("seed", 0))
+        ids,
+        requested,
+        int(cfg.target.draw),
+        test_ids,
+        int((dataset.get("split") or {}).get("seed", 0)),
+        cfg.target.get("leave_out"),
     )
+    k = len(draw["train"])
+    if scratch and k == 0:
+        raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
     splits, subjects, source = prepare_run(cfg, run_dir, draw, atlas_cfg)
     landmarks = None
     if cfg.intensity == "nyul":
         if source_dir is None:
-            raise io.InputError("intensity=nyul standardises to a source cohort: name source_run")
+            raise io.InputError(
+                "intensity=nyul standardises to the source training images: name the source "
+                "run folder, source_run=<training run folder>"
+            )
         landmarks = _nyul_landmarks(source_dir, source_cfg, run_dir)
     by_id = {s.id: s for s in subjects}
     cached = _cached_subjects(
@@ -567,13 +614,18 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
     module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
-    record = {"init": "scratch" if scratch else str(source_dir), "n_images": k}
+    record = {"init": "scratch" if scratch else str(source_ckpt), "n_images": k}
     if not scratch:
-        loaded = transfer.load_source_weights(module.net, source_dir / "checkpoints" / "best.ckpt")
+        loaded = transfer.load_source_weights(module.net, source_ckpt)
+        if k == 0 and loaded["missing"]:
+            raise io.InputError(
+                f"{source_ckpt}: lacks {', '.join(loaded['missing'][:3])}…: No TL would evaluate "
+                "layers at their random initialisation"
+            )
         record.update(copied=len(loaded["copied"]), skipped=loaded["skipped"])
         record["missing"] = loaded["missing"]
         print(
-            f"subseg: loaded {len(loaded['copied'])} tensors from {source_dir}; skipped "
+            f"subseg: loaded {len(loaded['copied'])} tensors from {source_ckpt}; skipped "
             f"{loaded['skipped'] or 'none'}; left at initialisation {loaded['missing'] or 'none'}"
         )
 
@@ -581,7 +633,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         best = run_dir / "checkpoints" / "best.ckpt"
         best.parent.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(best) as tmp:
-            tmp.write_bytes((source_dir / "checkpoints" / "best.ckpt").read_bytes())
+            tmp.write_bytes(Path(source_ckpt).read_bytes())
         net, loggers = module.net.eval(), ()
     else:
         torch.manual_seed(int(cfg.seed))  # the reset layers' initialisation
@@ -632,8 +684,8 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         f"(wDSC {summary['wavg']:.3f}) over {summary['n_subjects']} subjects; run folder {run_dir}"
     )
     if cfg.evaluate_source and source_dir is not None:
-        source_test = json.loads((source_dir / "splits.json").read_text())["test"]
         try:
+            source_test = json.loads((source_dir / "splits.json").read_text())["test"]
             retained = evaluate_on(
                 net,
                 source_cfg["dataset"],
@@ -643,12 +695,46 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
                 landmarks,
                 {"method": method_key(cfg)},
             )
-        except io.InputError as exc:  # optional: a source model trained elsewhere lacks its data
-            print(f"subseg: source-domain evaluation skipped: {exc}", file=sys.stderr)
+        except Exception as exc:  # optional: a source run moved elsewhere lacks its data
+            reason = io.find_input_error(exc) or (exc if isinstance(exc, OSError) else None)
+            if reason is None:
+                raise
+            print(f"subseg: source-domain evaluation skipped: {reason}", file=sys.stderr)
         else:
             summary["source_test"] = {"avg": retained["avg"], "wavg": retained["wavg"]}
             print(f"subseg: on the source cohort's test subjects: mean Dice {retained['avg']:.3f}")
     return summary
+
+
+def _check_finetune_options(cfg: DictConfig) -> None:
+    """One-line errors for option values the run cannot use (before any work is done)."""
+    k = cfg.target.n_images
+    if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
+        raise io.InputError(f"target.n_images={k}: give a number of images (0 = No TL) or all")
+    if not isinstance(cfg.target.draw, int) or cfg.target.draw < 0:
+        raise io.InputError(f"target.draw={cfg.target.draw}: give a draw number (0, 1, …)")
+    if cfg.init not in ("source", "scratch"):
+        raise io.InputError(f"init={cfg.init}: choose source (transfer) or scratch")
+    if cfg.intensity not in ("zscore", "nyul"):
+        raise io.InputError(f"intensity={cfg.intensity}: choose zscore or nyul")
+    if cfg.init == "scratch" and cfg.freeze.name != "none":
+        raise io.InputError(
+            f"init=scratch trains every layer from random weights: add freeze=none "
+            f"(freeze={cfg.freeze.name} would only change its learning rate)"
+        )
+
+
+def _check_run_folder(run_dir: Path, method: str, init: str) -> None:
+    """Refuse to overwrite a finished run of another method or source model in ``run_dir``."""
+    done = {}
+    for name in ("summary.json", "transfer.json"):
+        if (run_dir / name).is_file():
+            done.update(json.loads((run_dir / name).read_text()))
+    if done and (done.get("method", method), done.get("init", init)) != (method, init):
+        raise io.InputError(
+            f"{run_dir}: holds a finished {done.get('method')} run from {done.get('init')}; "
+            "give this one another name=…"
+        )
 
 
 def _source_training_items(source_dir: Path, source_cfg: Mapping, atlas_cfg, landmarks) -> list:
@@ -662,10 +748,17 @@ def _source_training_items(source_dir: Path, source_cfg: Mapping, atlas_cfg, lan
 
 
 def method_key(cfg: DictConfig) -> str:
-    """The report's name of a fine-tuning run's method (no_tl, tl3, scratch3, mixed3, …)."""
-    k = int(cfg.target.n_images)
+    """The report's name of a fine-tuning run's method (no_tl, tl3, scratch3, mixed3, …).
+
+    ``n_images=all`` from scratch is ``full`` (full training; the folds of a leave-one-out
+    share it, so the report pools them), and ``tl_all`` with transfer.
+    """
+    k = cfg.target.n_images
+    k = "_all" if k == "all" else int(k)
     prefix = "nyul_" if cfg.intensity == "nyul" else ""
     if cfg.init == "scratch":
+        if k == "_all" and not cfg.get("mix_source"):
+            return f"{prefix}full"
         return f"{prefix}{'mixed' if cfg.get('mix_source') else 'scratch'}{k}"
     preset = "" if cfg.freeze.name == "paper" else f"_{cfg.freeze.name}"
     return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}"
@@ -709,6 +802,13 @@ def evaluate_on(
     )
 
 
+def _split_of(run_dir: Path, split: str) -> list[str]:
+    path = run_dir / "splits.json"
+    if not path.is_file():
+        raise io.InputError(f"{run_dir}: no splits.json (not a finished subseg run)")
+    return json.loads(path.read_text())[split]
+
+
 def _run_landmarks(run_dir: Path | None):
     path = None if run_dir is None else run_dir / "nyul_landmarks.json"
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
@@ -744,9 +844,18 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
     if dataset is None and run_cfg is None:
         raise io.InputError(f"{checkpoint}: name the cohort to evaluate on: dataset=<cohort>")
     own = run_cfg is not None and (dataset is None or dataset["name"] == run_cfg["dataset"]["name"])
+    upstream = (
+        _source_folder(run_cfg["source_run"]) if run_cfg and run_cfg.get("source_run") else None
+    )
     if own:
         dataset = run_cfg["dataset"] if dataset is None else dataset
-        test_ids = json.loads((run_dir / "splits.json").read_text())["test"]
+        test_ids = _split_of(run_dir, "test")
+    elif (
+        upstream is not None
+        and _as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml"))["dataset"]["name"]
+        == dataset["name"]
+    ):  # back on the source cohort: never its training subjects
+        test_ids = _split_of(upstream, "test")
     else:
         test_ids = dataset.get("test_ids")
     atlas_cfg = run_atlas(run_cfg, run_dir) if run_cfg else _as_dict(cfg.atlas)

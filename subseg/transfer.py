@@ -101,7 +101,8 @@ def load_source_weights(net: nn.Module, checkpoint: str | Path) -> dict[str, lis
     """
     checkpoint = Path(checkpoint)
     try:
-        stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        # Tensors and plain values only: a checkpoint from elsewhere cannot run code on load.
+        stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise io.InputError(f"{checkpoint}: not a readable checkpoint ({reason})") from None
@@ -170,6 +171,13 @@ class FreezeSchedule(BaseFinetuning):
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """Freeze the preset's modules before the optimiser is built."""
         frozen = frozen_modules(pl_module.net, self.preset)
+        norms = [m for m in frozen if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if norms and not self.preset.norm_eval:
+            # Frozen BatchNorm in train mode would normalise with batch statistics while training
+            # and with the source's at test time: a model that is not the one trained.
+            raise io.InputError(
+                f"freeze={self.preset.name}: freezes BatchNorm layers, which needs norm_eval: true"
+            )
         self.freeze(frozen, train_bn=False)
         self._frozen_norms = (
             [m for m in frozen if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -181,3 +181,20 @@ def test_target_draws_are_nested_seeded_and_test_the_rest():
     assert published["test"] == ["t00", "t01"] and not set(published["train"]) & {"t00", "t01"}
     with pytest.raises(io.InputError, match="target.n_images=9: the cohort has 8 subjects"):
         cohort.draw_target(ids, 9, test_ids=["t00", "t01"])
+
+
+def test_full_training_and_leave_one_out_folds():
+    ids = [f"t{i:02d}" for i in range(6)]
+    full = cohort.draw_target(ids, "all", test_ids=["t00"])
+    assert full == {"train": ids[1:], "val": [], "test": ["t00"]}
+    folds = [cohort.draw_target(ids, "all", leave_out=i) for i in range(len(ids))]
+    assert [f["test"] for f in folds] == [[i] for i in ids]  # each subject tested once
+    for fold in folds:
+        assert sorted(fold["train"] + fold["test"]) == ids
+    assert cohort.draw_target(ids, "all", leave_out="t03") == folds[3]
+    with pytest.raises(io.InputError, match="leave_out=6: the cohort has 6 subjects"):
+        cohort.draw_target(ids, "all", leave_out=6)
+    with pytest.raises(io.InputError, match="leave_out=zz: no such subject"):
+        cohort.draw_target(ids, "all", leave_out="zz")
+    with pytest.raises(io.InputError, match="target.n_images=some"):
+        cohort.draw_target(ids, "some")

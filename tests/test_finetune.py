@@ -87,10 +87,27 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
     retained = json.loads((run1 / "source_test" / "summary.json").read_text())
     assert retained["dataset"] == "synth_tiny_source" and retained["n_subjects"] == 1
 
+    # A rerun in the same folder replaces the model (Lightning would save best-v1.ckpt beside
+    # the old one); a run of another method there is refused.
+    old_model = (run1 / "checkpoints" / "best.ckpt").read_bytes()
+    tl1, run1 = _finetune(root, paths, source, "k1", "target.n_images=1", "seed=1")
+    assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run1 / "checkpoints" / "best.ckpt").read_bytes() != old_model
+    with pytest.raises(io.InputError, match="holds a finished tl1 run"):
+        _finetune(root, paths, source, "k1", "target.n_images=2")
+
     # evaluate.py rebuilds the model from the run folder alone and finds the same Dice.
     _run("evaluate.py", f"run_dir={run1}", *paths, "name=again", cwd=root)
     again = json.loads((root / "out" / "evaluate" / "again" / "summary.json").read_text())
     assert again["avg"] == pytest.approx(tl1["avg"], abs=1e-6)
+
+    # A bare checkpoint (trained elsewhere) is a source too: No TL gives the source run's Dice.
+    bare = root / "bare.ckpt"
+    bare.write_bytes((source / "checkpoints" / "best.ckpt").read_bytes())
+    from_file, run = _finetune(root, paths, bare, "bare0", "target.n_images=0", "atlas=none")
+    assert from_file["avg"] == pytest.approx(no_tl["avg"], abs=1e-6)
+    assert json.loads((run / "transfer.json").read_text())["init"] == str(bare)
+    assert not (run / "source_test").exists()
 
 
 @pytest.mark.slow
@@ -119,6 +136,12 @@ def test_scratch_mixed_and_nyul_baselines(source_run):
         source_train
     )
 
+    # A leave-one-out fold: full training from scratch on every other target subject.
+    fold, run = _finetune(root, paths, source, "loo2", "+experiment=loo", "target.leave_out=2")
+    splits = json.loads((run / "splits.json").read_text())
+    assert fold["method"] == "full" and fold["n_subjects"] == 1 and fold["n_images"] == 3
+    assert splits["test"] == ["t002"] and "t002" not in splits["train"]
+
     nyul, run = _finetune(root, paths, source, "n0", "target.n_images=0", "intensity=nyul")
     assert nyul["method"] == "nyul_no_tl"
     landmarks = json.loads((run / "nyul_landmarks.json").read_text())
@@ -133,6 +156,23 @@ def test_finetune_without_a_source_is_one_line(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"source_run={tmp_path}"])
     with pytest.raises(io.InputError, match="not a finished training run"):
+        tasks.finetune(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["target.n_images=1.5"], "target.n_images=1.5: give a number of images"),
+        (["target.draw=-1"], "target.draw=-1: give a draw number"),
+        (["init=random"], "init=random: choose source"),
+        (["intensity=minmax"], "intensity=minmax: choose zscore or nyul"),
+        (["init=scratch"], "init=scratch trains every layer from random weights: add freeze=none"),
+    ],
+)
+def test_finetune_options_are_checked_in_one_line(tmp_path, overrides, message):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}", *overrides])
+    with pytest.raises(io.InputError, match=message):
         tasks.finetune(cfg, tmp_path / "run")
 
 

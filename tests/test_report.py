@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -42,22 +43,38 @@ def _run_folder(root, method, k, draw, dice_by_subject, source=None):
 def test_report_table_statistics_and_figures(tmp_path):
     runs = tmp_path / "runs"
     subjects = [f"t{i}" for i in range(6)]
-    _run_folder(runs, "no_tl", 0, 0, {s: 0.5 for s in subjects}, source={"s1": 0.8})
+    # No TL is the source model: its retention row is the source run's own test metrics.
+    source = _run_folder(tmp_path, "source", 0, 0, {"s1": 0.8})
+    (source / "splits.json").write_text(json.dumps({"train": [], "val": [], "test": ["s1"]}))
+    no_tl = _run_folder(runs, "no_tl", 0, 0, {s: 0.5 for s in subjects})
+    (no_tl / "transfer.json").write_text(
+        json.dumps({"init": str(source / "checkpoints/best.ckpt")})
+    )
     for draw in (0, 1):
         _run_folder(runs, "tl1", 1, draw, {s: 0.7 + 0.01 * draw for s in subjects[1:]})
-        _run_folder(runs, "tl2", 2, draw, {s: 0.75 for s in subjects[2:]})
+        _run_folder(runs, "tl2", 2, draw, {s: 0.75 for s in subjects[2:]}, source={"s1": 0.7})
     _run_folder(runs, "scratch2", 2, 0, {s: 0.4 for s in subjects[2:]})
+    for fold, subject in enumerate(subjects):  # leave-one-out folds: pooled as one method
+        _run_folder(runs / f"loo{fold}", "full", 5, 0, {subject: 0.9})
     out = tmp_path / "report"
     summary = report.write_report(report.find_runs([runs]), out)
 
     methods = summary["methods"]
-    assert list(methods) == ["no_tl", "tl1", "tl2", "scratch2"]
+    assert list(methods) == ["no_tl", "tl1", "tl2", "scratch2", "full"]
+    assert methods["full"]["n_runs"] == 6 and methods["full"]["n_subjects"] == 6
     assert methods["tl1"]["n_runs"] == 2 and methods["tl1"]["n_subjects"] == 10
     assert methods["tl1"]["avg"] == pytest.approx(0.705 + 0.065, abs=1e-9)
     assert methods["no_tl"]["source_test"]["avg"] == pytest.approx(0.865)
-    # p of tl1 vs No TL: scipy's Wilcoxon on draw × subject × structure pairs, Holm-corrected.
-    a = [0.7 + 0.01 * d + 0.01 * i for d in (0, 1) for _ in subjects[1:] for i in range(14)]
-    b = [0.5 + 0.01 * i for _ in (0, 1) for _ in subjects[1:] for i in range(14)]
+    assert methods["tl2"]["source_test"]["avg"] == pytest.approx(0.765)
+    assert "source_test" not in methods["tl1"]
+    # p of tl1 vs No TL: scipy's Wilcoxon on subject × structure pairs (tl1's two draws
+    # averaged per subject first), Holm-corrected.
+    a = [
+        np.mean([0.7 + 0.01 * d + 0.01 * i for d in (0, 1)])
+        for _ in subjects[1:]
+        for i in range(14)
+    ]
+    b = [0.5 + 0.01 * i for _ in subjects[1:] for i in range(14)]
     raw = [
         stats.wilcoxon(a, b),
         methods["tl2"]["p_vs_baseline"],

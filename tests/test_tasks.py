@@ -64,7 +64,7 @@ def test_finetune_and_evaluate_name_what_is_missing_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"subseg: error: {tmp_path}: not a finished training run (needs checkpoints/best.ckpt "
-        f"and .hydra/config.yaml)"
+        f"and .hydra/config.yaml) nor a checkpoint file"
     )
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     result = _run(
@@ -122,3 +122,22 @@ def test_summary_of_a_tiny_cohort(tmp_path):
     raw = io.load_label(tmp_path / "synth" / "synth_tiny_target" / "labels" / "t000.nii.gz")
     assert first["volumes_mm3"]["left_thalamus"] == pytest.approx((raw.data == 10).sum() * voxel)
     assert "| left_thalamus |" in tasks.format_summary(summary)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["target.n_images=0"], "no_tl"),
+        (["target.n_images=3"], "tl3"),
+        (["target.n_images=2", "freeze=bn_only"], "tl2_bn_only"),
+        (["target.n_images=0", "intensity=nyul"], "nyul_no_tl"),
+        (["target.n_images=3", "init=scratch", "freeze=none"], "scratch3"),
+        (["target.n_images=2", "init=scratch", "mix_source=true"], "mixed2"),
+        (["+experiment=full"], "full"),
+        (["+experiment=loo", "target.leave_out=4"], "full"),
+        (["target.n_images=all"], "tl_all"),
+    ],
+)
+def test_method_keys_name_the_papers_methods(overrides, key):
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        assert tasks.method_key(compose("finetune", overrides=overrides)) == key
