@@ -190,14 +190,15 @@ def draw_target(
     draw: int = 0,
     test_ids: Sequence[str] | None = None,
     seed: int = 0,
-    leave_out: int | str | None = None,
+    fold: int | None = None,
 ) -> dict[str, list[str]]:
     """The target images of TL-k, draw j: nested (TL-k ⊂ TL-(k+1) for the same draw).
 
     One seeded permutation of the candidates per draw; TL-k takes its first ``k``. The test
     set is the published list, or every subject not drawn for training (METHOD.md §5).
-    ``n_images="all"`` takes every candidate (full training on the target); with ``leave_out``
-    the one subject named is the test set and every other is a candidate (a leave-one-out fold).
+    ``n_images="all"`` takes every candidate (full training on the target); ``fold=i`` makes
+    the i-th subject (sorted ids) the only test subject and every other a candidate: fold i of a
+    leave-one-out. (To leave out a subject by id, give ``test_ids=[id]``.)
 
     Args:
         ids: the cohort's subject ids.
@@ -205,28 +206,23 @@ def draw_target(
         draw: j, which random draw.
         test_ids: the published test list, if any (never drawn for training).
         seed: the cohort's split seed.
-        leave_out: a subject id, or an index into the sorted ids: the only test subject.
+        fold: leave-one-out fold, an index into the sorted ids: the only test subject.
 
     Returns:
         ``{"train": [...], "val": [], "test": [...]}`` (validation is voxel-level).
 
     Raises:
         io.InputError: more images asked for than the cohort has outside its test list, or a
-            ``leave_out`` subject the cohort does not have.
+            fold the cohort does not have.
     """
     ids = sorted(map(str, ids))
     published = None if test_ids is None else sorted(map(str, test_ids))
-    if leave_out is not None:
-        if isinstance(leave_out, int) and not isinstance(leave_out, bool):
-            if not 0 <= leave_out < len(ids):
-                raise io.InputError(
-                    f"target.leave_out={leave_out}: the cohort has {len(ids)} subjects "
-                    f"(index 0..{len(ids) - 1})"
-                )
-            leave_out = ids[leave_out]
-        if str(leave_out) not in ids:
-            raise io.InputError(f"target.leave_out={leave_out}: no such subject in the cohort")
-        published = [str(leave_out)]
+    if fold is not None:
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < len(ids):
+            raise io.InputError(
+                f"target.fold={fold}: the cohort has {len(ids)} subjects (folds 0..{len(ids) - 1})"
+            )
+        published = [ids[fold]]
     candidates = [i for i in ids if published is None or i not in set(published)]
     if n_images == "all":
         n_images = len(candidates)
@@ -241,7 +237,7 @@ def draw_target(
     if not test:
         raise io.InputError(
             f"target.n_images={n_images}: every subject would be trained on and none tested; "
-            "keep some out (target.leave_out=… or +experiment=loo, or a published test_ids list)"
+            "keep some out (+experiment=loo, or a published test_ids list)"
         )
     return {"train": train, "val": [], "test": test}
 

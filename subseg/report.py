@@ -129,8 +129,17 @@ def _order(method: str) -> tuple:
 
 def _grouped(runs: Sequence[Run]) -> dict[str, list[Run]]:
     grouped: dict[str, list[Run]] = {}
+    tested: dict[tuple, Path] = {}
     for run in runs:
         grouped.setdefault(run.method, []).append(run)
+        for subject in {r["subject"] for r in run.rows}:
+            key = (run.method, run.draw, subject)
+            if key in tested:  # counted twice, it would weigh twice in the table and the test
+                raise io.InputError(
+                    f"{run.folder} and {tested[key]}: both test {subject} with {run.method}, "
+                    f"draw {run.draw}; report one of them"
+                )
+            tested[key] = run.folder
     return {m: grouped[m] for m in sorted(grouped, key=_order)}
 
 
@@ -224,8 +233,8 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
     lines += [
         "Dice per structure (mean ± std over test subjects × draws); Avg = mean of the 14 "
         "structures; wAvg = METHOD.md §8's volume-weighted Dice; p = paired two-sided Wilcoxon "
-        f"signed-rank test against {summary['baseline']} on subject × structure Dice, "
-        "Holm-corrected across the table.",
+        f"signed-rank test against {summary['baseline']} on subject × structure Dice (a "
+        "method's draws averaged per subject first), Holm-corrected across the table.",
         "",
         "| structure | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),

@@ -511,7 +511,12 @@ def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
     A fine-tuning run naming a source run uses the source run's atlas; ``atlas=source_labels``
     is built inside the training run (``<run>/atlas``).
     """
-    upstream = _source_folder(run_cfg["source_run"]) if run_cfg.get("source_run") else None
+    named = run_cfg.get("source_run")
+    upstream = _source_folder(named) if named else None
+    if named and upstream is None and not Path(named).is_file():
+        raise io.InputError(
+            f"{named}: the source run this run started from is gone (its atlas is needed)"
+        )
     if upstream is not None:  # fine-tuning (or scratch-k beside it) uses the source's atlas
         return run_atlas(_as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml")), upstream)
     atlas_cfg = dict(run_cfg["atlas"])
@@ -594,7 +599,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         int(cfg.target.draw),
         test_ids,
         int((dataset.get("split") or {}).get("seed", 0)),
-        cfg.target.get("leave_out"),
+        cfg.target.get("fold"),
     )
     k = len(draw["train"])
     if scratch and k == 0:
@@ -630,10 +635,19 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         )
 
     if k == 0:  # No TL: the source model as is
+        # Written as a Lightning checkpoint of the loaded weights (a bare source may be a plain
+        # state_dict), so evaluate.py and predict.py read this run folder like any other.
         best = run_dir / "checkpoints" / "best.ckpt"
         best.parent.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(best) as tmp:
-            tmp.write_bytes(Path(source_ckpt).read_bytes())
+            torch.save(
+                {
+                    "state_dict": module.state_dict(),
+                    "hyper_parameters": dict(module.hparams),
+                    "pytorch-lightning_version": L.__version__,
+                },
+                tmp,
+            )
         net, loggers = module.net.eval(), ()
     else:
         torch.manual_seed(int(cfg.seed))  # the reset layers' initialisation
@@ -717,11 +731,25 @@ def _check_finetune_options(cfg: DictConfig) -> None:
         raise io.InputError(f"init={cfg.init}: choose source (transfer) or scratch")
     if cfg.intensity not in ("zscore", "nyul"):
         raise io.InputError(f"intensity={cfg.intensity}: choose zscore or nyul")
+    fold = cfg.target.get("fold")
+    if fold is not None and (k != "all" or f"loo{fold}" not in str(cfg.name)):
+        raise io.InputError(
+            f"target.fold={fold} is a leave-one-out fold: use +experiment=loo (every other image "
+            "trained on, the fold in the run name)"
+        )
     if cfg.init == "scratch" and cfg.freeze.name != "none":
         raise io.InputError(
             f"init=scratch trains every layer from random weights: add freeze=none "
             f"(freeze={cfg.freeze.name} would only change its learning rate)"
         )
+
+
+def _model_file(init: str) -> str:
+    """A source as a resolved checkpoint path (a run folder stands for its best.ckpt)."""
+    if init == "scratch":
+        return init
+    path = Path(init)
+    return str((path / "checkpoints" / "best.ckpt" if path.is_dir() else path).resolve())
 
 
 def _check_run_folder(run_dir: Path, method: str, init: str) -> None:
@@ -730,7 +758,8 @@ def _check_run_folder(run_dir: Path, method: str, init: str) -> None:
     for name in ("summary.json", "transfer.json"):
         if (run_dir / name).is_file():
             done.update(json.loads((run_dir / name).read_text()))
-    if done and (done.get("method", method), done.get("init", init)) != (method, init):
+    before = (done.get("method", method), _model_file(done.get("init", init)))
+    if done and before != (method, _model_file(init)):
         raise io.InputError(
             f"{run_dir}: holds a finished {done.get('method')} run from {done.get('init')}; "
             "give this one another name=…"

@@ -187,14 +187,16 @@ def test_full_training_and_leave_one_out_folds():
     ids = [f"t{i:02d}" for i in range(6)]
     full = cohort.draw_target(ids, "all", test_ids=["t00"])
     assert full == {"train": ids[1:], "val": [], "test": ["t00"]}
-    folds = [cohort.draw_target(ids, "all", leave_out=i) for i in range(len(ids))]
+    folds = [cohort.draw_target(ids, "all", fold=i) for i in range(len(ids))]
     assert [f["test"] for f in folds] == [[i] for i in ids]  # each subject tested once
     for fold in folds:
         assert sorted(fold["train"] + fold["test"]) == ids
-    assert cohort.draw_target(ids, "all", leave_out="t03") == folds[3]
-    with pytest.raises(io.InputError, match="leave_out=6: the cohort has 6 subjects"):
-        cohort.draw_target(ids, "all", leave_out=6)
-    with pytest.raises(io.InputError, match="leave_out=zz: no such subject"):
-        cohort.draw_target(ids, "all", leave_out="zz")
+    assert cohort.draw_target(ids, "all", test_ids=["t03"]) == folds[3]  # the same, by id
+    with pytest.raises(io.InputError, match="fold=6: the cohort has 6 subjects"):
+        cohort.draw_target(ids, "all", fold=6)
+    with pytest.raises(io.InputError, match="fold=t03: the cohort has 6 subjects"):
+        cohort.draw_target(ids, "all", fold="t03")
+    with pytest.raises(io.InputError, match="every subject would be trained on and none tested"):
+        cohort.draw_target(ids, "all")
     with pytest.raises(io.InputError, match="target.n_images=some"):
         cohort.draw_target(ids, "some")

@@ -64,9 +64,10 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
     root, paths, source = source_run
     no_tl, run0 = _finetune(root, paths, source, "k0", "target.n_images=0")
     assert no_tl["method"] == "no_tl" and no_tl["n_subjects"] == 4  # nothing drawn: all tested
-    assert (run0 / "checkpoints" / "best.ckpt").read_bytes() == (
-        source / "checkpoints" / "best.ckpt"
-    ).read_bytes()
+    kept = torch.load(run0 / "checkpoints" / "best.ckpt")["state_dict"]
+    given = torch.load(source / "checkpoints" / "best.ckpt")["state_dict"]
+    assert kept.keys() == given.keys()
+    assert all(torch.equal(kept[k], given[k]) for k in given)  # the source model as is
 
     tl1, run1 = _finetune(root, paths, source, "k1", "target.n_images=1")
     assert tl1["method"] == "tl1" and tl1["n_subjects"] == 3
@@ -101,13 +102,22 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
     again = json.loads((root / "out" / "evaluate" / "again" / "summary.json").read_text())
     assert again["avg"] == pytest.approx(tl1["avg"], abs=1e-6)
 
-    # A bare checkpoint (trained elsewhere) is a source too: No TL gives the source run's Dice.
-    bare = root / "bare.ckpt"
-    bare.write_bytes((source / "checkpoints" / "best.ckpt").read_bytes())
+    # A bare network state_dict (trained elsewhere) is a source too: No TL gives the source
+    # run's Dice, and its run folder holds a checkpoint evaluate.py and predict.py can read.
+    bare = root / "bare.pt"
+    weights = torch.load(source / "checkpoints" / "best.ckpt")["state_dict"]
+    torch.save({k.removeprefix("net."): v for k, v in weights.items()}, bare)
     from_file, run = _finetune(root, paths, bare, "bare0", "target.n_images=0", "atlas=none")
     assert from_file["avg"] == pytest.approx(no_tl["avg"], abs=1e-6)
     assert json.loads((run / "transfer.json").read_text())["init"] == str(bare)
     assert not (run / "source_test").exists()
+    rebuilt = tasks.load_network(run / "checkpoints" / "best.ckpt").state_dict()
+    assert all(torch.equal(rebuilt[k.removeprefix("net.")], v) for k, v in weights.items())
+
+    # A rerun that stops before its first validation keeps no model at all, never the old one.
+    with pytest.raises(io.InputError, match="stopped before its first validation"):
+        _finetune(root, paths, source, "k1", "target.n_images=1", "recipe.max_epochs=0")
+    assert not (run1 / "checkpoints" / "best.ckpt").exists()
 
 
 @pytest.mark.slow
@@ -137,7 +147,7 @@ def test_scratch_mixed_and_nyul_baselines(source_run):
     )
 
     # A leave-one-out fold: full training from scratch on every other target subject.
-    fold, run = _finetune(root, paths, source, "loo2", "+experiment=loo", "target.leave_out=2")
+    fold, run = _finetune(root, paths, source, "loo2", "+experiment=loo", "target.fold=2")
     splits = json.loads((run / "splits.json").read_text())
     assert fold["method"] == "full" and fold["n_subjects"] == 1 and fold["n_images"] == 3
     assert splits["test"] == ["t002"] and "t002" not in splits["train"]
@@ -197,7 +207,14 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
     assert set(first) < set(second)  # nested draws: TL-1 ⊂ TL-2
 
     result = subprocess.run(
-        [sys.executable, "-m", "subseg.report", str(sweep), "--out", str(root / "report")],
+        [
+            sys.executable,
+            "-m",
+            "subseg.report",
+            *(str(sweep / name) for name in made),
+            "--out",
+            str(root / "report"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

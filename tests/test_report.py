@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from subseg import metrics, report, stats
+from subseg import io, metrics, report, stats
 from subseg.labels import STRUCTURES
 
 
@@ -79,6 +79,7 @@ def test_report_table_statistics_and_figures(tmp_path):
         stats.wilcoxon(a, b),
         methods["tl2"]["p_vs_baseline"],
         methods["scratch2"]["p_vs_baseline"],
+        methods["full"]["p_vs_baseline"],
     ]
     assert methods["tl1"]["p_vs_baseline"] == pytest.approx(raw[0])
     assert methods["tl1"]["p_vs_baseline_holm"] == pytest.approx(stats.holm(raw)[0])
@@ -91,6 +92,13 @@ def test_report_table_statistics_and_figures(tmp_path):
     assert "Source-domain retention" in text and "| no_tl | 0.865 |" in text
     assert (out / "learning_curve.png").stat().st_size > 5_000
     assert (out / "structures_vs_k.png").stat().st_size > 5_000
+
+
+def test_a_subject_tested_twice_by_one_method_is_refused(tmp_path):
+    _run_folder(tmp_path / "a", "full", 5, 0, {"t0": 0.9})
+    _run_folder(tmp_path / "b", "full", 5, 0, {"t0": 0.8})
+    with pytest.raises(io.InputError, match="both test t0 with full, draw 0"):
+        report.summarize_methods(report.find_runs([tmp_path]))
 
 
 def test_method_families():

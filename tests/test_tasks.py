@@ -134,7 +134,7 @@ def test_summary_of_a_tiny_cohort(tmp_path):
         (["target.n_images=3", "init=scratch", "freeze=none"], "scratch3"),
         (["target.n_images=2", "init=scratch", "mix_source=true"], "mixed2"),
         (["+experiment=full"], "full"),
-        (["+experiment=loo", "target.leave_out=4"], "full"),
+        (["+experiment=loo", "target.fold=4"], "full"),
         (["target.n_images=all"], "tl_all"),
     ],
 )
