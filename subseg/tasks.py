@@ -529,7 +529,7 @@ def _nyul_landmarks(source_dir: Path, source_cfg: Mapping, run_dir: Path) -> lis
     """The source training images' standard scale (Nyúl stage one), kept in the run folder."""
     path = run_dir / "nyul_landmarks.json"
     dataset = source_cfg["dataset"]
-    train_ids = set(json.loads((source_dir / "splits.json").read_text())["train"])
+    train_ids = set(_split_of(source_dir, "train"))
     zscore = transforms.preprocessing(None)
     images = [
         zscore({"image": str(s.image)})["image"][0].numpy()
@@ -699,7 +699,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     if cfg.evaluate_source and source_dir is not None:
         try:
-            source_test = json.loads((source_dir / "splits.json").read_text())["test"]
+            source_test = _split_of(source_dir, "test")
             retained = evaluate_on(
                 net,
                 source_cfg["dataset"],
@@ -770,7 +770,7 @@ def _source_training_items(source_dir: Path, source_cfg: Mapping, atlas_cfg, lan
     """The preprocessed training images of a source run (for the mixed baseline)."""
     dataset = dict(source_cfg["dataset"])
     subjects = {s.id: s for s in cohort.list_subjects(dataset)}
-    train_ids = json.loads((source_dir / "splits.json").read_text())["train"]
+    train_ids = _split_of(source_dir, "train")
     source = atlas.load_source(dict(atlas_cfg))
     cached = _cached_subjects(subjects, dataset["label_ids"], atlas_cfg, source, 0, landmarks)
     return list(cached(train_ids))

@@ -179,11 +179,7 @@ class FreezeSchedule(BaseFinetuning):
                 f"freeze={self.preset.name}: freezes BatchNorm layers, which needs norm_eval: true"
             )
         self.freeze(frozen, train_bn=False)
-        self._frozen_norms = (
-            [m for m in frozen if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if self.preset.norm_eval
-            else []
-        )
+        self._frozen_norms = norms  # kept in eval mode (norm_eval, checked above)
 
     def finetune_function(
         self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
