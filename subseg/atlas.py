@@ -19,17 +19,11 @@ ICBM 2009c template — licence-free) and ``none`` (constant prior, ROI = brain)
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
-import hashlib
-import json
-import os
-import shutil
-import sys
+import dataclasses
+import functools
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -37,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from subseg import io, overlay, synth
+from subseg import antspy, bias, cache, io, overlay, synth
 from subseg import labels as label_protocol
 
 FORMAT_VERSION = 1
@@ -149,7 +143,7 @@ def package_file(relative: str) -> Path:
     return path
 
 
-@cache
+@functools.cache
 def _harvard_oxford(template: str, probabilities: str, volumes: tuple, percent: bool):
     tpl = nib.load(package_file(template))
     prob = nib.load(package_file(probabilities))
@@ -208,30 +202,30 @@ def build_source_atlas(
     out_dir = Path(out_dir)
     record = {
         "format": FORMAT_VERSION,
-        "subjects": [[_fingerprint(s.image), _fingerprint(s.label)] for s in subjects],
+        "subjects": [[cache.file_digest(s.image), cache.file_digest(s.label)] for s in subjects],
         "protocol": protocol,
         "registration": asdict(registration),
         "smoothing_mm": smoothing_mm,
     }
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-    if _load_entry(out_dir, key) is not None:
+    key = cache.key_of(record)
+    if cache.load_entry(out_dir, key) is not None:
         return out_dir
     if not subjects:
         raise io.InputError(f"{out_dir}: no labelled subjects to build a source_labels atlas from")
-    ants = _ants(registration.threads)
+    ants = antspy.load(registration.threads)
     template, template_affine = icbm_template()
-    fixed = _to_ants(ants, template, template_affine)
+    fixed = antspy.image(ants, template, template_affine)
     counts = np.zeros((len(label_protocol.STRUCTURES), *template.shape), dtype=np.float32)
-    for subject in _progress(subjects, "source_labels atlas", progress):
+    for subject in antspy.progress(subjects, "source_labels atlas", progress):
         image = io.load_image(subject.image)
         label = io.load_label(subject.label, image=image, protocol=protocol)
         classes = label_protocol.map_to_classes(label.data, protocol)
         with tempfile.TemporaryDirectory(prefix="subseg-reg-") as work:
-            moving = _to_ants(ants, image.data, image.affine)
+            moving = antspy.image(ants, image.data, image.affine)
             transforms = _register(ants, fixed, moving, registration, Path(work))
             warped = ants.apply_transforms(
                 fixed,
-                _to_ants(ants, classes.astype(np.float32), image.affine),
+                antspy.image(ants, classes.astype(np.float32), image.affine),
                 transforms,
                 interpolator="genericLabel",
             ).numpy()
@@ -249,7 +243,7 @@ def build_source_atlas(
         "structures.nii.gz": (np.moveaxis(quantised, 0, -1), box_affine),
         "template.nii.gz": (template, template_affine),
     }
-    _publish(out_dir, key, arrays, {"record": record})
+    cache.publish(out_dir, key, arrays, {"record": record})
     return out_dir
 
 
@@ -260,10 +254,10 @@ def load_saved_atlas(folder: str | Path) -> AtlasSource:
         io.InputError: the folder is missing, incomplete or corrupt.
     """
     folder = Path(folder)
-    entry = _load_entry(folder)
+    entry = cache.load_entry(folder)
     if entry is None or {"structures.nii.gz", "template.nii.gz"} - set(entry[1]):
         raise io.InputError(
-            f"{folder}: not a complete source_labels atlas ({MANIFEST} missing, "
+            f"{folder}: not a complete source_labels atlas ({cache.MANIFEST} missing, "
             f"or a file does not match its checksum)"
         )
     manifest, images = entry
@@ -329,30 +323,6 @@ def registration_of(cfg: Mapping) -> Registration:
 # --------------------------------------------------------------------------- registration
 
 
-def _ants(threads: int):
-    """Import ANTsPy with ITK's thread count set (ITK reads it once, when the library loads)."""
-    if "ants" not in sys.modules:
-        # The cores this process may use (a SLURM allocation), not all the machine has.
-        cores = len(os.sched_getaffinity(0))
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads or cores)
-    import ants
-
-    return ants
-
-
-def _to_ants(ants, array: np.ndarray, affine: np.ndarray):
-    """An ANTs image of a voxel array with a RAS affine (ITK's physical space is LPS)."""
-    lps = np.diag([-1.0, -1.0, 1.0])
-    matrix = lps @ affine[:3, :3]
-    spacing = np.linalg.norm(matrix, axis=0)
-    return ants.from_numpy(
-        np.ascontiguousarray(array, dtype=np.float32),
-        origin=tuple(float(v) for v in lps @ affine[:3, 3]),
-        spacing=tuple(float(v) for v in spacing),
-        direction=matrix / spacing,
-    )
-
-
 def _register(ants, fixed, moving, registration: Registration, work: Path) -> list[str]:
     """Register ``moving`` to ``fixed`` at the reduced resolution; return ANTs transform files."""
     size = (registration.resolution_mm,) * 3
@@ -389,14 +359,14 @@ def register_prior(
     Raises:
         io.InputError: the registered prior is empty (registration failed).
     """
-    ants = _ants(registration.threads)
-    fixed = _to_ants(ants, image.data, image.affine)
-    moving = _to_ants(ants, source.template, source.template_affine)
+    ants = antspy.load(registration.threads)
+    fixed = antspy.image(ants, image.data, image.affine)
+    moving = antspy.image(ants, source.template, source.template_affine)
     with tempfile.TemporaryDirectory(prefix="subseg-reg-") as work:
         transforms = _register(ants, fixed, moving, registration, Path(work))
 
         def warp(channel, target):
-            moved = _to_ants(ants, channel, source.structures_affine)
+            moved = antspy.image(ants, channel, source.structures_affine)
             return ants.apply_transforms(target, moved, transforms, interpolator="linear").numpy()
 
         # Resampling 14 channels onto a whole 1 mm head cost more than the registration; the
@@ -411,7 +381,7 @@ def register_prior(
                 f"failed: is this a skull-stripped T1 brain?)"
             )
         crop = _bounding_box(union, margin=roi_distance + 1)
-        target = _to_ants(ants, image.data[crop], _box_affine(image.affine, crop))
+        target = antspy.image(ants, image.data[crop], _box_affine(image.affine, crop))
         structures = np.stack([warp(c, target) for c in source.structures])
     prior = _prior_from_structures(structures, image, roi_distance, mask_distance)
     box = tuple(
@@ -476,116 +446,65 @@ def _box_affine(affine: np.ndarray, box) -> np.ndarray:
 # --------------------------------------------------------------------------- cache
 
 
-MANIFEST = "manifest.json"
-
-
-def _fingerprint(path) -> list:
-    """Absolute path, size and modification time: changes whenever the file does."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
-def _publish(folder: Path, key: str, arrays: Mapping[str, tuple], extra: Mapping) -> None:
-    """Write a cache entry (NIfTI files + manifest) privately, then rename it into place whole.
-
-    Concurrent writers (DDP ranks, parallel sweeps) each stage their own folder; the first
-    rename wins and the others are dropped, so an entry is never a mixture of two writers.
-
-    Args:
-        folder: the entry's folder.
-        key: what a reader must match.
-        arrays: file name → (array, affine).
-        extra: more manifest fields.
-
-    Raises:
-        io.InputError: the cache location is not writable.
-    """
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as exc:
-        raise io.InputError(
-            f"{folder.parent}: cannot write the cache here ({exc.strerror}); "
-            f"set atlas.cache_dir to a writable folder"
-        ) from None
-    try:
-        digests = {}
-        for name, (array, affine) in arrays.items():
-            digests[name] = hashlib.sha256(
-                io.save_new(array, affine, staging / name).read_bytes()
-            ).hexdigest()
-        manifest = {"key": key, **extra, "files": digests}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders
-        if folder.exists():  # a damaged or outdated entry under the same name
-            shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # another writer's identical entry got there first
-            os.rename(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _load_entry(folder: Path, key: str | None = None):
-    """(manifest, images) of a whole entry matching ``key``, else ``None``.
-
-    Images are parsed from the very bytes whose checksums were verified, so a file replaced
-    between the check and the read cannot slip through.
-    """
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if key is not None and manifest.get("key") != key:
-            return None
-        images = {}
-        for name, digest in manifest["files"].items():
-            data = (folder / name).read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest:
-                return None
-            images[name] = nib.Nifti1Image.from_bytes(gzip.decompress(data))
-    except Exception:  # any unreadable entry is rebuilt, whatever the reason
-        return None
-    return manifest, images
-
-
-def cache_folder(image_path: Path, cfg: Mapping, source: AtlasSource) -> tuple[Path, str]:
+def cache_folder(
+    image_path: Path, cfg: Mapping, source: AtlasSource, preprocess: Mapping | None = None
+) -> tuple[Path, str]:
     """Where a subject's prior is cached, and the key that must match to reuse it.
 
-    The key covers the image file (absolute path, size, modification time), the atlas content,
-    the registration settings and the ROI distances.
+    The key covers the image file's content (not its path or modification time: a touched scan
+    keeps its prior, a scan whose voxels changed gets a new one), the bias-field correction the
+    registration saw, the atlas content, the registration settings and the ROI distances. The
+    folder is named by the settings only, so a changed scan replaces its old entry instead of
+    piling up beside it.
     """
     image_path = Path(image_path).resolve()
-    record = {
+    options = {
         "format": FORMAT_VERSION,
-        "image": _fingerprint(image_path),
         "atlas": source.identity,
         "registration": asdict(registration_of(cfg)),
         "distances": [int(cfg["roi_distance"]), int(cfg["mask_distance"])],
+        "preprocess": _n4_record(preprocess),
     }
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-    base = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else image_path.parent / ".subseg_cache"
-    stem = image_path.name.removesuffix(".gz").removesuffix(".nii")
-    return base / f"{source.name}-{key[:12]}" / stem, key
+    key = cache.key_of({**options, "image": cache.file_digest(image_path)})
+    base = cache.base_folder(image_path, cfg.get("cache_dir"))
+    return base / f"{source.name}-{cache.key_of(options)[:12]}" / cache.stem(image_path), key
 
 
-def subject_prior(image: io.Volume, cfg: Mapping, source: AtlasSource | None) -> Prior:
+def _n4_record(preprocess: Mapping | None) -> dict | None:
+    settings = bias.N4.from_config(preprocess)
+    return None if settings is None else settings.record()
+
+
+def subject_prior(
+    image: io.Volume,
+    cfg: Mapping,
+    source: AtlasSource | None,
+    preprocess: Mapping | None = None,
+) -> Prior:
     """A subject's prior and ROI, from the cache when a whole matching entry is there.
 
+    The template is registered to the bias-corrected scan when ``preprocess`` says so: on the
+    synthetic target cohort that raised the prior's own Dice on the scans with the strongest
+    fields (0.70 → 0.74, 0.65 → 0.72) and left the others within ±0.02.
+
     Args:
-        image: the subject's T1 (canonical; ``image.path`` is its file).
+        image: the subject's T1 as stored (canonical; ``image.path`` is its file).
         cfg: the ``conf/atlas`` entry.
         source: from :func:`load_source` (``None`` for ``atlas=none``, which is not cached).
+        preprocess: the ``conf/preprocess`` entry the model's input goes through.
 
     Returns:
         The prior.
     """
     if source is None:
         return brain_prior(image)
-    folder, key = cache_folder(image.path, cfg, source)
+    folder, key = cache_folder(image.path, cfg, source, preprocess)
     cached = _cached_prior(folder, key, image.data.shape)
     if cached is not None:
         return cached
+    if _n4_record(preprocess) is not None:
+        corrected = bias.corrected(image.path, image.data, image.affine, preprocess)
+        image = dataclasses.replace(image, data=corrected)
     prior = register_prior(
         image, source, registration_of(cfg), int(cfg["roi_distance"]), int(cfg["mask_distance"])
     )
@@ -600,7 +519,7 @@ def subject_prior(image: io.Volume, cfg: Mapping, source: AtlasSource | None) ->
         "shape": list(prior.shape),
         "image": str(image.path),
     }
-    _publish(folder, key, arrays, extra)
+    cache.publish(folder, key, arrays, extra)
     return prior
 
 
@@ -610,6 +529,7 @@ def ensure_priors(
     source: AtlasSource | None,
     workers: int | None = None,
     progress: bool = True,
+    preprocess: Mapping | None = None,
 ) -> int:
     """Register the atlas to every image whose prior is not cached yet, in parallel processes.
 
@@ -623,6 +543,7 @@ def ensure_priors(
         source: from :func:`load_source` (``None``: nothing to register).
         workers: processes (default: one per core this process may use).
         progress: show a progress bar.
+        preprocess: the ``conf/preprocess`` entry (registration sees the corrected scan).
 
     Returns:
         How many priors were computed.
@@ -630,44 +551,37 @@ def ensure_priors(
     if source is None:
         return 0
     todo = [
-        Path(p) for p in image_paths if _load_entry(*cache_folder(Path(p), cfg, source)) is None
+        (str(p), dict(cfg), preprocess)
+        for p in image_paths
+        if cache.load_entry(*cache_folder(Path(p), cfg, source, preprocess)) is None
     ]
-    workers = max(1, min(len(todo), workers or len(os.sched_getaffinity(0))))
-    description = f"atlas registration ({source.name})"
-    if workers == 1:
-        for path in _progress(todo, description, progress):
-            subject_prior(io.load_image(path), cfg, source)
-        return len(todo)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    # "spawn": workers start free of the parent's threads (torch); each loads ITK single-threaded.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(source,)
-    ) as pool:
-        futures = [pool.submit(_worker_prior, str(path), dict(cfg)) for path in todo]
-        for future in _progress(as_completed(futures), description, progress):
-            future.result()
+    antspy.map_in_processes(
+        _prior_of_file,
+        todo,
+        f"atlas registration ({source.name})",
+        initializer=_set_worker_source,
+        initargs=(source,),
+        workers=workers,
+        progress_bar=progress,
+    )
     return len(todo)
 
 
 _WORKER_SOURCE: AtlasSource | None = None
 
 
-def _start_worker(source: AtlasSource) -> None:
+def _set_worker_source(source: AtlasSource) -> None:
     global _WORKER_SOURCE
     _WORKER_SOURCE = source
-    _ants(1)  # one ITK thread per worker process (ITK reads it once, when the library loads)
 
 
-def _worker_prior(path: str, cfg: Mapping) -> None:
-    subject_prior(io.load_image(path), cfg, _WORKER_SOURCE)
+def _prior_of_file(path: str, cfg: Mapping, preprocess: Mapping | None) -> None:
+    subject_prior(io.load_image(path), cfg, _WORKER_SOURCE, preprocess)
 
 
 def _cached_prior(folder: Path, key: str, shape: tuple) -> Prior | None:
     """The cached prior if the entry is whole, matches ``key`` and is self-consistent."""
-    entry = _load_entry(folder, key)
+    entry = cache.load_entry(folder, key)
     if entry is None:
         return None
     manifest, images = entry
@@ -700,14 +614,6 @@ def save_prior_qc(image: io.Volume, prior: Prior, path: str | Path, title: str =
         title=title or f"atlas prior: {image.path.name}",
         outline=prior.roi,
     )
-
-
-def _progress(items, description: str, enabled: bool):
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    return track(items, description=description)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,18 +205,22 @@ class AtlasPriord(MapTransform):
     Args:
         atlas_cfg: the ``conf/atlas`` entry.
         source: from :func:`subseg.atlas.load_source`.
+        preprocess: the ``conf/preprocess`` entry (registration sees the bias-corrected scan).
         image_key: key of the image; its file path is read from the meta data.
     """
 
-    def __init__(self, atlas_cfg, source, image_key: str = "image"):
+    def __init__(self, atlas_cfg, source, preprocess=None, image_key: str = "image"):
         super().__init__([image_key])
         self.atlas_cfg, self.source, self.image_key = atlas_cfg, source, image_key
+        self.preprocess = preprocess
 
     def __call__(self, item):
         """Add ``prior`` to the item."""
         out = dict(item)
         path = out[self.image_key].meta["filename_or_obj"]
-        out["prior"] = atlas.subject_prior(io.load_image(path), self.atlas_cfg, self.source)
+        out["prior"] = atlas.subject_prior(
+            io.load_image(path), self.atlas_cfg, self.source, self.preprocess
+        )
         return out
 
 

@@ -18,6 +18,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from subseg import io, report, tasks
+from subseg.run_folder import RunFolder
 
 
 def _compose(name: str, overrides: list[str], run_dir: Path) -> DictConfig:
@@ -29,9 +30,9 @@ def _compose(name: str, overrides: list[str], run_dir: Path) -> DictConfig:
 
 
 def _finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file() and (
-        run_dir / "checkpoints" / "best.ckpt"
-    ).is_file()
+    run = RunFolder(run_dir)
+    # A run without its input contract was made by an older subseg (before N4): train again.
+    return all(p.is_file() for p in (run.path / "summary.json", run.checkpoint, run.contract_file))
 
 
 def findings(methods: Mapping[str, Mapping]) -> list[dict]:

@@ -17,11 +17,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.progress import track
 
-from subseg import atlas, cohort, figures, inference, io, metrics, overlay, transforms
+from subseg import (
+    atlas,
+    bias,
+    cohort,
+    figures,
+    inference,
+    io,
+    metrics,
+    overlay,
+    run_folder,
+    transforms,
+)
 from subseg import labels as label_protocol
+from subseg.run_folder import InputContract, RunFolder, as_dict
 
 
 @contextlib.contextmanager
@@ -37,14 +49,6 @@ def cli_errors() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def _as_dict(config) -> dict:
-    return (
-        OmegaConf.to_container(config, resolve=True)
-        if isinstance(config, DictConfig)
-        else dict(config)
-    )
-
-
 def summarize_cohort(dataset: Mapping) -> dict:
     """Describe a cohort: subjects, grids, voxel sizes, intensity ranges and structure volumes.
 
@@ -57,7 +61,7 @@ def summarize_cohort(dataset: Mapping) -> dict:
     Returns:
         A JSON-ready dict.
     """
-    dataset = _as_dict(dataset)
+    dataset = as_dict(dataset)
     subjects = cohort.list_subjects(dataset)
     load = transforms.preprocessing(dataset["label_ids"], normalize=False)
     rows = []
@@ -140,7 +144,7 @@ def preview_cohorts(datasets: Mapping[str, Mapping], path: str | Path) -> Path:
     """
     rows = []
     for role, dataset in datasets.items():
-        dataset = _as_dict(dataset)
+        dataset = as_dict(dataset)
         load = transforms.preprocessing(dataset["label_ids"], normalize=False)
         firsts = {}
         for subject in cohort.list_subjects(dataset):
@@ -190,47 +194,53 @@ def prepare_run(
     cfg: DictConfig,
     run_dir: str | Path,
     splits: Mapping | None = None,
-    atlas_cfg: Mapping | None = None,
-) -> tuple[dict, list, object]:
+    contract: InputContract | None = None,
+) -> tuple[dict, list, object, InputContract]:
     """Set up a run folder: cohort on disk, splits drawn once, every subject checked and primed.
 
-    Each subject the splits use has its files checked and its atlas prior computed (cached
-    beside the subject), with a QC overlay in ``run_dir/qc/``; for ``task=train``,
-    ``atlas=source_labels`` is built in ``run_dir/atlas`` from the training split.
+    Each subject the splits use has its files checked, its bias field corrected and its atlas
+    prior computed (both cached beside the subject), with a QC overlay in ``run_dir/qc/``; for
+    ``task=train``, ``atlas=source_labels`` is built in ``run_dir/atlas`` from the training split.
 
     Args:
-        cfg: a composed task config with ``dataset`` and ``atlas`` entries.
+        cfg: a composed task config with a ``dataset`` entry (and ``preprocess`` and ``atlas``
+            entries when ``contract`` is not given).
         run_dir: the run folder (Hydra's output directory).
         splits: splits drawn by the task (default: the cohort's own, drawn once).
-        atlas_cfg: the atlas to use instead of ``cfg.atlas`` (a source run's).
+        contract: how the model's input is prepared (a source run's); default: from ``cfg``.
 
     Returns:
         (the splits written to ``run_dir/splits.json``, the subjects they use, the atlas
-        source).
+        source, the input contract with its atlas located).
     """
-    run_dir = Path(run_dir)
-    dataset = _as_dict(cfg.dataset)
-    atlas_cfg = _as_dict(cfg.atlas) if atlas_cfg is None else dict(atlas_cfg)
+    run = RunFolder(run_dir)
+    dataset = as_dict(cfg.dataset)
+    if contract is None:
+        contract = InputContract(as_dict(cfg.preprocess), as_dict(cfg.atlas))
     protocol = dataset["label_ids"]
     subjects = cohort.list_subjects(dataset)
-    splits = cohort.ensure_splits(run_dir, dataset, subjects, splits)
+    splits = cohort.ensure_splits(run.path, dataset, subjects, splits)
     check = transforms.LoadSubjectd(protocol=protocol)
     used = {i for ids in splits.values() for i in ids}
     subjects = [s for s in subjects if s.id in used]  # a draw may leave subjects unused
     for subject in subjects:  # every file first: a bad one fails before minutes of registration
         check(subject.as_item())
+    images = [s.image for s in subjects]
+    bias.ensure_corrected(images, contract.preprocess)
     # source_labels is built from a *source* cohort's training split only: built from a target
     # cohort it would leak test labels into the prior. Other tasks name a saved atlas.
     training = (
         [s for s in subjects if s.id in set(splits["train"])] if cfg.task == "train" else None
     )
-    source = atlas.load_source(atlas_cfg, training, protocol, build_dir=run_dir / "atlas")
-    atlas.ensure_priors([s.image for s in subjects], atlas_cfg, source)
+    source = atlas.load_source(contract.atlas, training, protocol, build_dir=run.atlas_dir)
+    if contract.atlas.get("kind") == "source_labels" and not contract.atlas.get("path"):
+        contract.atlas = {**contract.atlas, "path": str(run.atlas_dir)}
+    atlas.ensure_priors(images, contract.atlas, source, preprocess=contract.preprocess)
     for subject in track(subjects, description="prior QC"):
         image = io.load_image(subject.image)
-        prior = atlas.subject_prior(image, atlas_cfg, source)
-        atlas.save_prior_qc(image, prior, run_dir / "qc" / f"{subject.id}_prior.png")
-    return splits, subjects, source
+        prior = atlas.subject_prior(image, contract.atlas, source, contract.preprocess)
+        atlas.save_prior_qc(image, prior, run.path / "qc" / f"{subject.id}_prior.png")
+    return splits, subjects, source, contract
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -251,18 +261,25 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def evaluate_subjects(net, subjects, qc_dir: Path | None = None) -> list[dict]:
+def evaluate_subjects(
+    net, subjects, qc_dir: Path | None = None, seg_dir: Path | None = None
+) -> list[dict]:
     """Segment labelled subjects and return their ``metrics.csv`` rows.
 
     Args:
         net: the network, in eval mode.
         subjects: (subject, item) pairs; items carry ``image``, ``label`` and ``prior``.
         qc_dir: when given, an overlay of each segmentation is written there.
+        seg_dir: when given, each segmentation is written there as ``<id>_seg.nii.gz`` (classes
+            0–14 on the scan's own grid, as ``predict.py`` writes them).
     """
     rows = []
     for subject, item in subjects:
         volume = np.asarray(item["image"][0])
         classes, _ = inference.segment(net, volume, item["prior"])
+        if seg_dir is not None:
+            stored = io.load_image(subject.image)
+            io.save_like(classes.astype(np.uint8), stored, seg_dir / f"{subject.id}_seg.nii.gz")
         spacing = item["image"].meta["spacing"]
         rows += metrics.structure_metrics(
             subject.id, classes, np.asarray(item["label"][0]), spacing
@@ -285,18 +302,11 @@ def _write_table(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _cached_subjects(by_id, protocol, atlas_cfg, source, num_workers=0, landmarks=None):
-    """A function: subject ids → a MONAI ``CacheDataset`` of preprocessed subjects with priors."""
+def _cached_subjects(by_id, protocol, contract: InputContract, source, num_workers=0):
+    """A function: subject ids → a MONAI ``CacheDataset`` of subjects prepared as ``contract``."""
     from monai.data import CacheDataset
 
-    from subseg import data
-
-    pipeline = transforms.Pipeline(
-        [
-            *transforms.preprocessing(protocol, landmarks).transforms,
-            data.AtlasPriord(atlas_cfg, source),
-        ]
-    )
+    pipeline = contract.pipeline(protocol, source)
 
     def cached(ids):
         items = [by_id[i].as_item() for i in ids]
@@ -344,9 +354,9 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
 
     # A rerun in the same folder starts clean: Lightning would otherwise save best-v1.ckpt beside
     # the old best.ckpt, which every later step (finetune, evaluate, predict) would load.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(RunFolder(run_dir).checkpoints_dir, ignore_errors=True)
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=RunFolder(run_dir).checkpoints_dir,
         filename="best",
         monitor=recipe["monitor"],
         mode=recipe["mode"],
@@ -382,10 +392,12 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
     return best, trainer
 
 
-def _finish(run_dir: Path, net, test_items, by_id, loggers=(), extra=None) -> dict:
+def _finish(
+    run_dir: Path, net, test_items, by_id, loggers=(), extra=None, seg_dir=None
+) -> dict:
     """Evaluate on the test subjects; write ``metrics.csv``, ``summary.json`` and figures."""
     rows = evaluate_subjects(
-        net, [(by_id[item["id"]], item) for item in test_items], run_dir / "qc"
+        net, [(by_id[item["id"]], item) for item in test_items], run_dir / "qc", seg_dir
     )
     summary = metrics.summarize(rows)
     summary.update(extra or {})
@@ -426,10 +438,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    splits, subjects, source = prepare_run(cfg, run_dir)
-    dataset, atlas_cfg, recipe = _as_dict(cfg.dataset), _as_dict(cfg.atlas), _as_dict(cfg.recipe)
+    splits, subjects, source, contract = prepare_run(cfg, run_dir)
+    RunFolder(run_dir).write_contract(contract)
+    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
     by_id = {s.id: s for s in subjects}
-    cached = _cached_subjects(by_id, dataset["label_ids"], atlas_cfg, source, cfg.num_workers)
+    cached = _cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
 
     rng = np.random.default_rng(int(cfg.seed))
     samples, train_idx, val_idx = _pooled_samples(cached(splits["train"]), recipe, rng)
@@ -470,16 +483,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def _source_folder(path: str | Path) -> Path | None:
-    """The training run folder of ``path``: the folder itself, or the run a checkpoint is in."""
-    path = Path(path)
-    for folder in (path, path.parent.parent):  # <run>/checkpoints/<file>.ckpt
-        if (folder / ".hydra" / "config.yaml").is_file():
-            return folder
-    return None
-
-
-def _source_run(cfg: DictConfig) -> tuple[Path | None, dict | None, Path | None]:
+def _source_run(cfg: DictConfig) -> tuple[RunFolder | None, dict | None, Path | None]:
     """The source model named by ``cfg.source_run``: a training run folder or a checkpoint.
 
     Returns:
@@ -490,56 +494,27 @@ def _source_run(cfg: DictConfig) -> tuple[Path | None, dict | None, Path | None]
         return None, None, None
     named = Path(cfg.source_run)
     if named.is_file():
-        folder = _source_folder(named)
-        return (
-            folder,
-            _as_dict(OmegaConf.load(folder / ".hydra" / "config.yaml")) if folder else None,
-            named,
-        )
-    config = named / ".hydra" / "config.yaml"
-    if not (named / "checkpoints" / "best.ckpt").is_file() or not config.is_file():
+        run = RunFolder.of(named)
+        return run, run.config() if run else None, named
+    run = RunFolder(named)
+    if not run.checkpoint.is_file() or not run.config_file.is_file():
         raise io.InputError(
             f"{named}: not a finished training run (needs checkpoints/best.ckpt and "
             f".hydra/config.yaml) nor a checkpoint file"
         )
-    return named, _as_dict(OmegaConf.load(config)), named / "checkpoints" / "best.ckpt"
+    return run, run.config(), run.checkpoint
 
 
-def run_atlas(run_cfg: Mapping, run_dir: Path) -> dict:
-    """The atlas config a run's network was trained with, its built atlas located.
-
-    A fine-tuning run naming a source run uses the source run's atlas; ``atlas=source_labels``
-    is built inside the training run (``<run>/atlas``).
-    """
-    named = run_cfg.get("source_run")
-    upstream = _source_folder(named) if named else None
-    if named and upstream is None and not Path(named).is_file():
-        raise io.InputError(
-            f"{named}: the source run this run started from is gone (its atlas is needed)"
-        )
-    if upstream is not None:  # fine-tuning (or scratch-k beside it) uses the source's atlas
-        return run_atlas(_as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml")), upstream)
-    atlas_cfg = dict(run_cfg["atlas"])
-    if atlas_cfg.get("kind") == "source_labels" and not atlas_cfg.get("path"):
-        atlas_cfg["path"] = str(run_dir / "atlas")
-    return atlas_cfg
-
-
-def _nyul_landmarks(source_dir: Path, source_cfg: Mapping, run_dir: Path) -> list[float]:
-    """The source training images' standard scale (Nyúl stage one), kept in the run folder."""
-    path = run_dir / "nyul_landmarks.json"
-    dataset = source_cfg["dataset"]
-    train_ids = set(_split_of(source_dir, "train"))
-    zscore = transforms.preprocessing(None)
+def _nyul_landmarks(source: RunFolder, source_cfg: Mapping, contract: InputContract) -> list:
+    """The source training images' standard scale (Nyúl stage one), prepared as ``contract``."""
+    train_ids = set(source.split("train"))
+    prepare = contract.intensities(landmarks=False)
     images = [
-        zscore({"image": str(s.image)})["image"][0].numpy()
-        for s in cohort.list_subjects(dataset)
+        prepare({"image": str(s.image)})["image"][0].numpy()
+        for s in cohort.list_subjects(source_cfg["dataset"])
         if s.id in train_ids
     ]
-    landmarks = [float(v) for v in transforms.learn_standard_scale(images)]
-    with io.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(landmarks))
-    return landmarks
+    return [float(v) for v in transforms.learn_standard_scale(images)]
 
 
 def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -576,15 +551,21 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if not scratch and source_ckpt is None:
         raise io.InputError("name the source model: source_run=<training run folder or .ckpt>")
     _check_run_folder(run_dir, method_key(cfg), "scratch" if scratch else str(source_ckpt))
-    atlas_cfg = run_atlas(source_cfg, source_dir) if source_dir else _as_dict(cfg.atlas)
-    if source_ckpt is not None and source_dir is None:
-        print(
-            f"subseg: {source_ckpt} is a bare checkpoint: using atlas={atlas_cfg.get('name')} "
-            "(the atlas it was trained with is unknown) and no source-domain evaluation",
-            file=sys.stderr,
+    if source_dir is not None:  # the source run's input contract, never loose options
+        contract = source_dir.contract()
+        run_folder.check_options(contract, cfg, source_dir.path)
+    else:
+        why = (
+            f"{source_ckpt} is a bare checkpoint (what it was trained with is unknown; no "
+            "source-domain evaluation)"
+            if source_ckpt is not None
+            else ""
         )
-    dataset, recipe = _as_dict(cfg.dataset), _as_dict(cfg.recipe)
-    preset = transfer.FreezePreset.from_config(_as_dict(cfg.freeze))
+        contract = run_folder.contract_from_options(cfg, why)
+    contract.intensity, contract.landmarks = str(cfg.intensity), None
+    print(f"subseg: input: {contract.describe()}")
+    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
+    preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
     requested = cfg.target.n_images
     if cfg.mix_source and (not scratch or source_dir is None):
         raise io.InputError(
@@ -604,19 +585,17 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     k = len(draw["train"])
     if scratch and k == 0:
         raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
-    splits, subjects, source = prepare_run(cfg, run_dir, draw, atlas_cfg)
-    landmarks = None
+    if cfg.intensity == "nyul" and source_dir is None:
+        raise io.InputError(
+            "intensity=nyul standardises to the source training images: name the source "
+            "run folder, source_run=<training run folder>"
+        )
+    splits, subjects, source, contract = prepare_run(cfg, run_dir, draw, contract)
     if cfg.intensity == "nyul":
-        if source_dir is None:
-            raise io.InputError(
-                "intensity=nyul standardises to the source training images: name the source "
-                "run folder, source_run=<training run folder>"
-            )
-        landmarks = _nyul_landmarks(source_dir, source_cfg, run_dir)
+        contract.landmarks = _nyul_landmarks(source_dir, source_cfg, contract)
+    RunFolder(run_dir).write_contract(contract)
     by_id = {s.id: s for s in subjects}
-    cached = _cached_subjects(
-        by_id, dataset["label_ids"], atlas_cfg, source, cfg.num_workers, landmarks
-    )
+    cached = _cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
     dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
     module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
     record = {"init": "scratch" if scratch else str(source_ckpt), "n_images": k}
@@ -637,7 +616,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if k == 0:  # No TL: the source model as is
         # Written as a Lightning checkpoint of the loaded weights (a bare source may be a plain
         # state_dict), so evaluate.py and predict.py read this run folder like any other.
-        best = run_dir / "checkpoints" / "best.ckpt"
+        best = RunFolder(run_dir).checkpoint
         best.parent.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(best) as tmp:
             torch.save(
@@ -658,7 +637,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         rng = np.random.default_rng(int(cfg.seed))
         items = list(cached(splits["train"]))
         if cfg.mix_source:  # the mixed baseline: source training images join the k target ones
-            items += _source_training_items(source_dir, source_cfg, atlas_cfg, landmarks)
+            items += _source_training_items(source_dir, source_cfg, contract)
             record["mixed_source_images"] = len(items) - k
         samples, train_idx, val_idx = _pooled_samples(items, recipe, rng)
         del items
@@ -699,14 +678,12 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     if cfg.evaluate_source and source_dir is not None:
         try:
-            source_test = _split_of(source_dir, "test")
             retained = evaluate_on(
                 net,
                 source_cfg["dataset"],
-                source_test,
-                atlas_cfg,
+                source_dir.split("test"),
+                contract,
                 run_dir / "source_test",
-                landmarks,
                 {"method": method_key(cfg)},
             )
         except Exception as exc:  # optional: a source run moved elsewhere lacks its data
@@ -749,7 +726,7 @@ def _model_file(init: str) -> str:
     if init == "scratch":
         return init
     path = Path(init)
-    return str((path / "checkpoints" / "best.ckpt" if path.is_dir() else path).resolve())
+    return str((RunFolder(path).checkpoint if path.is_dir() else path).resolve())
 
 
 def _check_run_folder(run_dir: Path, method: str, init: str) -> None:
@@ -766,14 +743,12 @@ def _check_run_folder(run_dir: Path, method: str, init: str) -> None:
         )
 
 
-def _source_training_items(source_dir: Path, source_cfg: Mapping, atlas_cfg, landmarks) -> list:
-    """The preprocessed training images of a source run (for the mixed baseline)."""
+def _source_training_items(source: RunFolder, source_cfg: Mapping, contract) -> list:
+    """A source run's training images prepared as ``contract`` (for the mixed baseline)."""
     dataset = dict(source_cfg["dataset"])
     subjects = {s.id: s for s in cohort.list_subjects(dataset)}
-    train_ids = _split_of(source_dir, "train")
-    source = atlas.load_source(dict(atlas_cfg))
-    cached = _cached_subjects(subjects, dataset["label_ids"], atlas_cfg, source, 0, landmarks)
-    return list(cached(train_ids))
+    cached = _cached_subjects(subjects, dataset["label_ids"], contract, contract.load_atlas())
+    return list(cached(source.split("train")))
 
 
 def method_key(cfg: DictConfig) -> str:
@@ -797,10 +772,10 @@ def evaluate_on(
     net,
     dataset: Mapping,
     test_ids: list[str] | None,
-    atlas_cfg: Mapping,
+    contract: InputContract,
     out_dir: Path,
-    landmarks=None,
     extra: Mapping | None = None,
+    segmentations: bool = False,
 ) -> dict:
     """Segment a cohort's test subjects with ``net``; write ``metrics.csv`` and ``summary.json``.
 
@@ -808,10 +783,10 @@ def evaluate_on(
         net: the network, in eval mode.
         dataset: the cohort (a ``conf/dataset`` entry).
         test_ids: the subjects to segment (``None``: every subject of the cohort).
-        atlas_cfg: the atlas the network was trained with.
+        contract: how the network's input is prepared (its run's).
         out_dir: where the files go.
-        landmarks: Nyúl standard landmarks, when the network was trained on standardised images.
         extra: more entries for ``summary.json``.
+        segmentations: also write each segmentation to ``out_dir/segmentations/``.
 
     Returns:
         The summary.
@@ -823,80 +798,87 @@ def evaluate_on(
     unknown = sorted(set(ids) - set(by_id))
     if unknown:
         raise io.InputError(f"{dataset['root']}: test subjects not found: {unknown}")
-    source = atlas.load_source(dict(atlas_cfg))
-    cached = _cached_subjects(by_id, dataset["label_ids"], atlas_cfg, source, 0, landmarks)
+    cached = _cached_subjects(by_id, dataset["label_ids"], contract, contract.load_atlas())
     out_dir.mkdir(parents=True, exist_ok=True)
     return _finish(
-        out_dir, net, cached(ids), by_id, (), {"dataset": dataset["name"], **(extra or {})}
+        out_dir,
+        net,
+        cached(ids),
+        by_id,
+        (),
+        {"dataset": dataset["name"], **(extra or {})},
+        out_dir / "segmentations" if segmentations else None,
     )
 
 
-def _split_of(run_dir: Path, split: str) -> list[str]:
-    path = run_dir / "splits.json"
-    if not path.is_file():
-        raise io.InputError(f"{run_dir}: no splits.json (not a finished subseg run)")
-    return json.loads(path.read_text())[split]
+def model_of(cfg: DictConfig) -> tuple[Path, InputContract, RunFolder | None]:
+    """The model ``run_dir=`` or ``ckpt=`` names, and how its input must be prepared.
 
+    A model inside a run folder brings its recorded contract; ``preprocess=`` or ``atlas=``
+    options that contradict it are refused. A bare checkpoint takes the options (or the
+    defaults, with a note).
 
-def _run_landmarks(run_dir: Path | None):
-    path = None if run_dir is None else run_dir / "nyul_landmarks.json"
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    Returns:
+        (checkpoint, input contract, run folder or ``None``).
+    """
+    run = RunFolder(cfg.run_dir) if cfg.get("run_dir") else None
+    if run is not None:
+        run.config()  # a one-line error when it is not a run folder
+    checkpoint = Path(cfg.ckpt) if cfg.get("ckpt") else (run.checkpoint if run else None)
+    if checkpoint is None:
+        raise io.InputError("name a trained model: run_dir=<run folder> or ckpt=<file>")
+    run = run or RunFolder.of(checkpoint)
+    if run is None:
+        why = f"{checkpoint} is a bare checkpoint (what it was trained with is unknown)"
+        return checkpoint, run_folder.contract_from_options(cfg, why), None
+    contract = run.contract()
+    run_folder.check_options(contract, cfg, run.path)
+    return checkpoint, contract, run
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Evaluate a trained or fine-tuned model on a cohort's test subjects.
 
-    ``run_dir=<run folder>`` rebuilds everything from the folder: its checkpoint, atlas, intensity
-    standardisation, cohort and test split (``dataset=<cohort>`` evaluates it on another cohort:
-    that cohort's published test list, or all its subjects). ``ckpt=<file> dataset=<cohort>``
-    evaluates a bare checkpoint with ``cfg.atlas``.
+    ``run_dir=<run folder>`` rebuilds everything from the folder: its checkpoint, input
+    contract (bias correction, atlas, intensity standardisation), cohort and test split
+    (``dataset=<cohort>`` evaluates it on another cohort: that cohort's published test list, or
+    all its subjects). ``ckpt=<file> dataset=<cohort>`` evaluates a bare checkpoint with
+    ``cfg.preprocess`` and ``cfg.atlas``.
 
     Writes ``metrics.csv`` (subject, structure, dsc, hd95_mm, assd_mm, vol_ref_mm3,
     vol_pred_mm3), ``summary.json`` (avg, wavg, per-structure mean/std) and ``qc/`` to
-    ``out_dir``.
+    ``out_dir``; with ``segmentations=true`` also ``segmentations/<id>_seg.nii.gz``.
 
     Returns:
         The summary.
     """
     out_dir = Path(out_dir)
-    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else None
-    run_cfg = None
-    if run_dir is not None:
-        config = run_dir / ".hydra" / "config.yaml"
-        if not config.is_file():
-            raise io.InputError(f"{run_dir}: not a subseg run folder (no .hydra/config.yaml)")
-        run_cfg = _as_dict(OmegaConf.load(config))
-    checkpoint = cfg.get("ckpt") or (run_dir / "checkpoints" / "best.ckpt" if run_dir else None)
-    if checkpoint is None:
-        raise io.InputError("name a model: run_dir=<run folder> or ckpt=<file> dataset=<cohort>")
-    dataset = _as_dict(cfg.dataset) if cfg.get("dataset") else None
+    checkpoint, contract, run = model_of(cfg)
+    run_cfg = run.config() if run is not None else None
+    dataset = as_dict(cfg.dataset) if cfg.get("dataset") else None
     if dataset is None and run_cfg is None:
         raise io.InputError(f"{checkpoint}: name the cohort to evaluate on: dataset=<cohort>")
     own = run_cfg is not None and (dataset is None or dataset["name"] == run_cfg["dataset"]["name"])
     upstream = (
-        _source_folder(run_cfg["source_run"]) if run_cfg and run_cfg.get("source_run") else None
+        RunFolder.of(run_cfg["source_run"]) if run_cfg and run_cfg.get("source_run") else None
     )
     if own:
         dataset = run_cfg["dataset"] if dataset is None else dataset
-        test_ids = _split_of(run_dir, "test")
-    elif (
-        upstream is not None
-        and _as_dict(OmegaConf.load(upstream / ".hydra" / "config.yaml"))["dataset"]["name"]
-        == dataset["name"]
-    ):  # back on the source cohort: never its training subjects
-        test_ids = _split_of(upstream, "test")
+        test_ids = run.split("test")
+    elif upstream is not None and upstream.config()["dataset"]["name"] == dataset["name"]:
+        test_ids = upstream.split("test")  # back on the source cohort: never its training subjects
     else:
         test_ids = dataset.get("test_ids")
-    atlas_cfg = run_atlas(run_cfg, run_dir) if run_cfg else _as_dict(cfg.atlas)
     net = load_network(checkpoint)
+    print(f"subseg: input: {contract.describe()}")
     summary = evaluate_on(
         net,
         dataset,
         None if test_ids is None else list(test_ids),
-        atlas_cfg,
+        contract,
         out_dir,
-        _run_landmarks(run_dir),
         {"checkpoint": str(checkpoint)},
+        bool(cfg.get("segmentations")),
     )
     print(
         f"subseg: {dataset['name']}: mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f})"
@@ -956,23 +938,17 @@ def predict(cfg: DictConfig) -> list[dict]:
         The rows of ``volumes.csv``.
     """
     out_dir = Path(cfg.out_dir)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-    checkpoint = cfg.ckpt or (run_dir / "checkpoints" / "best.ckpt" if run_dir else None)
-    if checkpoint is None:
-        raise io.InputError("name a trained model: run_dir=<training run folder> or ckpt=<file>")
+    checkpoint, contract, _ = model_of(cfg)
     net = load_network(checkpoint)
-    atlas_cfg = _as_dict(cfg.atlas)
-    if atlas_cfg["kind"] == "source_labels" and not atlas_cfg.get("path") and run_dir:
-        atlas_cfg["path"] = str(run_dir / "atlas")  # the atlas the network was trained with
-    source = atlas.load_source(atlas_cfg)
     files = _input_images(cfg.input)
-    zscore = transforms.preprocessing(None)
+    print(f"subseg: input: {contract.describe()}")
+    prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
     rows = []
     for path in track(files, description="segmenting"):
         subject = path.name.removesuffix(".gz").removesuffix(".nii")
         image = io.load_image(path)
-        volume = zscore({"image": str(path)})["image"][0].numpy()
-        prior = atlas.subject_prior(image, atlas_cfg, source)
+        item = prepare({"image": str(path)})
+        volume, prior = item["image"][0].numpy(), item["prior"]
         classes, probabilities = inference.segment(net, volume, prior, bool(cfg.postprocessing))
         stored = label_protocol.map_to_raw(classes, cfg.raw_ids) if cfg.raw_ids else classes
         io.save_like(

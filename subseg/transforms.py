@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms: load → canonical → label mapping → z-score → (optional) Nyúl.
+"""MONAI dictionary transforms: load → canonical → labels → N4 → z-score → (optional) Nyúl.
 
 MONAI provides the z-score (``NormalizeIntensityd`` with ``nonzero=True``) and composition. What it
 lacks is written here in MONAI's style (an array transform plus its ``…d`` twin):
@@ -7,6 +7,8 @@ lacks is written here in MONAI's style (an array transform plus its ``…d`` twi
   validates a user's files nor names the file in its errors; this one goes through
   :mod:`subseg.io` so every geometry problem surfaces as one line naming the file.
 - ``MapLabels``: MONAI's ``MapLabelValue`` passes unlisted ids through unchanged.
+- ``BiasFieldCorrectd``: MONAI has no bias-field correction; this one runs ANTs' N4 through
+  :mod:`subseg.bias`, cached per scan.
 - ``HistogramStandardize``: MONAI's ``HistogramNormalize`` is histogram equalisation, not Nyúl &
   Udupa's two-stage piecewise-linear standardisation to a reference cohort's landmarks.
 """
@@ -22,7 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, NormalizeIntensityd, Transform
 from monai.utils import convert_data_type, convert_to_dst_type
 
-from subseg import io
+from subseg import bias, io
 from subseg import labels as label_protocol
 
 NYUL_PERCENTILES: tuple[float, ...] = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
@@ -113,6 +115,38 @@ class MapLabelsd(MapTransform):
         for key in self.key_iterator(out):
             if out[key] is not None:
                 out[key] = self.mapper(out[key])
+        return out
+
+
+class BiasFieldCorrectd(MapTransform):
+    """Bias-correct images with N4 (:mod:`subseg.bias`), cached per scan and settings.
+
+    Expects the ``MetaTensor`` s of :class:`LoadSubjectd` (canonical data, the file name in the
+    meta data, which keys the cache).
+
+    Args:
+        keys: image keys.
+        preprocess: the ``conf/preprocess`` entry (``kind: none`` leaves images as they are).
+    """
+
+    def __init__(self, keys: KeysCollection, preprocess: Mapping):
+        super().__init__(keys)
+        self.preprocess = dict(preprocess)
+        bias.N4.from_config(self.preprocess)  # fail at construction on a bad config
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        """Correct every key; the meta data (file, affine) are kept."""
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            corrected = bias.corrected(
+                image.meta["filename_or_obj"],
+                image[0].numpy(),
+                image.affine.numpy(),
+                self.preprocess,
+            )
+            out[key] = image.clone()  # keeps the meta data (file, affine, spacing)
+            out[key][0] = torch.from_numpy(np.ascontiguousarray(corrected))
         return out
 
 
@@ -240,13 +274,19 @@ def preprocessing(
     protocol: label_protocol.LabelSpec | None,
     standard_landmarks: Sequence[float] | None = None,
     normalize: bool = True,
+    preprocess: Mapping | None = None,
 ) -> Pipeline:
     """The deterministic pipeline every subject goes through before sampling or inference.
+
+    Load (checked, canonical) → map labels → bias-field correction → z-score → Nyúl. Code that
+    uses a trained model builds this from the model's run folder
+    (:meth:`subseg.run_folder.InputContract.pipeline`), never from loose options.
 
     Args:
         protocol: the cohort's label protocol (``None`` for unlabelled images).
         standard_landmarks: when given, Nyúl-standardise the z-scored image to these landmarks.
         normalize: z-score (and standardise); ``False`` keeps the stored intensities.
+        preprocess: the ``conf/preprocess`` entry (``None``: no bias-field correction).
 
     Returns:
         A :class:`Pipeline` (a MONAI ``Compose``) taking
@@ -255,6 +295,8 @@ def preprocessing(
     steps: list = [LoadSubjectd(protocol=protocol)]
     if protocol is not None:
         steps.append(MapLabelsd("label", protocol))
+    if preprocess is not None and preprocess.get("kind") != "none":
+        steps.append(BiasFieldCorrectd("image", preprocess))
     if normalize:
         steps.append(NormalizeIntensityd("image", nonzero=True))
     if normalize and standard_landmarks is not None:

@@ -10,7 +10,7 @@ from conftest import REPO, affine_for, write_nifti
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from subseg import atlas, cohort, io, labels
+from subseg import antspy, atlas, cache, cohort, io, labels
 
 
 def _atlas_cfg(name, cache_dir):
@@ -39,19 +39,19 @@ def ho_run(tiny_cohorts, tmp_path_factory):
 
 
 def test_ants_images_match_the_files(tmp_path):
-    ants = atlas._ants(0)
+    ants = antspy.load(0)
     affine = affine_for("LIA", zooms=(0.9375, 0.9375, 1.5), origin=(80.0, 90.0, -100.0))
     data = np.random.default_rng(0).uniform(1, 2, (6, 7, 8)).astype(np.float32)
     path = write_nifti(tmp_path / "lia.nii.gz", data, affine)
     from_file = ants.image_read(str(path))
-    ours = atlas._to_ants(ants, data, affine)
+    ours = antspy.image(ants, data, affine)
     np.testing.assert_allclose(ours.origin, from_file.origin, atol=1e-5)
     np.testing.assert_allclose(ours.spacing, from_file.spacing, atol=1e-6)
     np.testing.assert_allclose(ours.direction, from_file.direction, atol=1e-6)
     np.testing.assert_array_equal(ours.numpy(), from_file.numpy())
     # The canonical (RAS) copy covers the same physical space.
     vol = io.load_image(path)
-    canon = atlas._to_ants(ants, vol.data, vol.affine)
+    canon = antspy.image(ants, vol.data, vol.affine)
     corner = ants.transform_index_to_physical_point(canon, (0, 0, 0))
     ras = vol.affine @ np.array([0, 0, 0, 1.0])
     np.testing.assert_allclose(corner, [-ras[0], -ras[1], ras[2]], atol=1e-5)
@@ -93,9 +93,9 @@ def test_channels_resampled_in_the_box_equal_the_whole_grid(ho_run, monkeypatch,
     # must equal resampling every channel onto the whole grid with the same transforms.
     cfg, source, image, _, _ = ho_run
     settings = dataclasses.replace(atlas.registration_of(cfg), resolution_mm=6.0)
-    ants = atlas._ants(settings.threads)
-    fixed = atlas._to_ants(ants, image.data, image.affine)
-    moving = atlas._to_ants(ants, source.template, source.template_affine)
+    ants = antspy.load(settings.threads)
+    fixed = antspy.image(ants, image.data, image.affine)
+    moving = antspy.image(ants, source.template, source.template_affine)
     transforms = atlas._register(ants, fixed, moving, settings, tmp_path)
     monkeypatch.setattr(atlas, "_register", lambda *args: transforms)
     boxed = atlas.register_prior(image, source, settings)
@@ -103,7 +103,7 @@ def test_channels_resampled_in_the_box_equal_the_whole_grid(ho_run, monkeypatch,
         [
             ants.apply_transforms(
                 fixed,
-                atlas._to_ants(ants, channel, source.structures_affine),
+                antspy.image(ants, channel, source.structures_affine),
                 transforms,
                 interpolator="linear",
             ).numpy()
@@ -205,8 +205,8 @@ def test_quality_check_png(ho_run, tmp_path):
 
 def test_itk_threads_follow_the_setting():
     code = (
-        "import os, sys; from subseg import atlas; "
-        "assert 'ants' not in sys.modules; atlas._ants(1); "
+        "import os, sys; from subseg import antspy; "
+        "assert 'ants' not in sys.modules; antspy.load(1); "
         "print(os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'], 'ants' in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
@@ -218,7 +218,7 @@ def test_unwritable_cache_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(io.InputError, match="cannot write the cache here.*atlas.cache_dir"):
-        atlas._publish(blocker / "entry", "k", {}, {})
+        cache.publish(blocker / "entry", "k", {}, {})
 
 
 @pytest.mark.slow

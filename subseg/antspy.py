@@ -1,0 +1,103 @@
+"""The boundary to ANTsPy: import with ITK's thread count, arrays as ANTs images, worker pools.
+
+Registration (:mod:`subseg.atlas`) and bias-field correction (:mod:`subseg.bias`) both run ITK
+filters through ANTsPy; what they share about talking to it lives here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from rich.progress import track
+
+
+def load(threads: int = 0):
+    """Import ANTsPy with ITK's thread count set (ITK reads it once, when the library loads).
+
+    Args:
+        threads: ITK threads; 0 = every core this process may use (a SLURM allocation, not
+            every core the machine has).
+    """
+    if "ants" not in sys.modules:
+        cores = len(os.sched_getaffinity(0))
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads or cores)
+    import ants
+
+    return ants
+
+
+def image(ants, array: np.ndarray, affine: np.ndarray):
+    """An ANTs image of a voxel array with a RAS affine (ITK's physical space is LPS)."""
+    lps = np.diag([-1.0, -1.0, 1.0])
+    matrix = lps @ affine[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    return ants.from_numpy(
+        np.ascontiguousarray(array, dtype=np.float32),
+        origin=tuple(float(v) for v in lps @ affine[:3, 3]),
+        spacing=tuple(float(v) for v in spacing),
+        direction=matrix / spacing,
+    )
+
+
+def progress(items: Iterable, description: str, enabled: bool = True):
+    """A rich progress bar over ``items`` (or the items as they are)."""
+    if not enabled:
+        return items
+    items = list(items)
+    return track(items, description=description, total=len(items))
+
+
+def map_in_processes(
+    function: Callable,
+    arguments: Sequence[tuple],
+    description: str,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+    workers: int | None = None,
+    progress_bar: bool = True,
+) -> None:
+    """Call ``function(*args)`` for every entry of ``arguments``, one single-threaded ITK per core.
+
+    One multi-threaded ITK filter keeps two cores only partly busy; one single-threaded filter
+    per core gets more volumes through. Results are not returned: the functions publish them
+    (to a cache).
+
+    Args:
+        function: a module-level function (it is pickled to the workers).
+        arguments: one argument tuple per call.
+        description: the progress bar's text.
+        initializer: run once in each worker, after ITK is set to one thread.
+        initargs: its arguments.
+        workers: processes (default: one per core this process may use).
+        progress_bar: show a progress bar.
+    """
+    workers = max(1, min(len(arguments), workers or len(os.sched_getaffinity(0))))
+    if workers == 1:
+        if initializer is not None:
+            initializer(*initargs)
+        for args in progress(arguments, description, progress_bar):
+            function(*args)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # "spawn": workers start free of the parent's threads (torch); each loads ITK single-threaded.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(initializer, initargs),
+    ) as pool:
+        futures = [pool.submit(function, *args) for args in arguments]
+        for future in progress(as_completed(futures), description, progress_bar):
+            future.result()
+
+
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    load(1)  # one ITK thread per worker process (ITK reads it once, when the library loads)
+    if initializer is not None:
+        initializer(*initargs)

@@ -1,0 +1,285 @@
+"""A run folder and the input contract of the model it holds.
+
+A network is only right on input prepared the way it was trained: the same bias-field correction,
+the same intensity standardisation (and Nyúl landmarks), the same atlas. Every training and
+fine-tuning run records that once, in ``preprocessing.json``, and every use of the model
+(fine-tuning from it, evaluating it, predicting with it) builds its input from that record
+through :meth:`InputContract.pipeline` — never from loose command-line options. An option that
+contradicts the record is a one-line error.
+
+:class:`RunFolder` is the one place that spells the paths of the files that describe a model
+(its config, checkpoint, splits, atlas and contract).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from subseg import atlas, bias, io, transforms
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+"""The Hydra config tree (default presets are read from it)."""
+
+DEFAULTS = {"preprocess": "n4", "atlas": "harvard_oxford"}
+"""Preset used where neither a run folder nor the command line says (a bare checkpoint)."""
+
+
+def as_dict(config) -> dict | None:
+    """A plain dict of a (DictConfig or mapping) config entry; ``None`` stays ``None``."""
+    if config is None:
+        return None
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
+
+
+def default_preset(group: str) -> dict:
+    """The default ``conf/<group>`` preset (:data:`DEFAULTS`) as a dict."""
+    return as_dict(OmegaConf.load(CONF_DIR / group / f"{DEFAULTS[group]}.yaml"))
+
+
+@dataclass
+class InputContract:
+    """How a model's input is prepared: everything between the scan file and the network.
+
+    Attributes:
+        preprocess: the ``conf/preprocess`` entry (bias-field correction).
+        atlas: the ``conf/atlas`` entry; for ``source_labels`` its ``path`` is the saved atlas.
+        intensity: ``zscore`` or ``nyul``.
+        landmarks: the Nyúl standard scale (``intensity=nyul`` only).
+    """
+
+    preprocess: dict
+    atlas: dict
+    intensity: str = "zscore"
+    landmarks: list[float] | None = field(default=None)
+
+    def pipeline(self, protocol=None, source: atlas.AtlasSource | None = None) -> object:
+        """The exact MONAI pipeline this model's input goes through, atlas prior included.
+
+        Args:
+            protocol: the cohort's label protocol (``None`` for unlabelled scans).
+            source: the loaded atlas (default: loaded from :attr:`atlas`).
+
+        Returns:
+            A :class:`subseg.transforms.Pipeline` taking ``{"image": path, "label": …}`` and
+            giving the standardised ``image``, the mapped ``label`` and the ``prior``.
+        """
+        from subseg import data
+
+        source = self.load_atlas() if source is None else source
+        return transforms.Pipeline(
+            [
+                *self.intensities(protocol).transforms,
+                data.AtlasPriord(self.atlas, source, self.preprocess),
+            ]
+        )
+
+    def intensities(self, protocol=None, landmarks: bool = True) -> transforms.Pipeline:
+        """The intensity half of :meth:`pipeline` (no prior): load → N4 → z-score → Nyúl."""
+        return transforms.preprocessing(
+            protocol, self.landmarks if landmarks else None, preprocess=self.preprocess
+        )
+
+    def load_atlas(self) -> atlas.AtlasSource | None:
+        """The atlas source (``None`` for ``atlas=none``)."""
+        return atlas.load_source(self.atlas)
+
+    def record(self) -> dict:
+        """The JSON form written to ``preprocessing.json``."""
+        return {
+            "preprocess": self.preprocess,
+            "atlas": self.atlas,
+            "intensity": self.intensity,
+            "landmarks": self.landmarks,
+        }
+
+    def describe(self) -> str:
+        """One line for logs: ``preprocess=n4 atlas=harvard_oxford intensity=zscore``."""
+        return (
+            f"preprocess={self.preprocess.get('name')} atlas={self.atlas.get('name')} "
+            f"intensity={self.intensity}"
+        )
+
+
+LOCAL_KEYS = ("cache_dir", "threads")
+"""Settings that change where or how fast, never what: taken from the options even for a run."""
+
+
+def _meaning(preset: Mapping, group: str):
+    """What of a preset changes the model's input (local settings left out)."""
+    if group == "preprocess":
+        settings = bias.N4.from_config(preset)
+        return None if settings is None else settings.record()
+    registration = {k: v for k, v in (preset.get("registration") or {}).items() if k != "threads"}
+    keys = ("kind", "roi_distance", "mask_distance", "smoothing_mm", "template", "probabilities")
+    return {**{k: preset.get(k) for k in keys}, "registration": registration}
+
+
+def check_options(contract: InputContract, cfg, where: Path | str) -> InputContract:
+    """Refuse ``preprocess=`` / ``atlas=`` options that contradict a model's recorded contract.
+
+    Options left unset (``null``) take the model's; an option equal to the model's is fine.
+    Local settings (``cache_dir``, ``threads``) given on the command line are applied.
+
+    Returns:
+        ``contract``, with the local settings applied.
+
+    Raises:
+        io.InputError: an option differs from what the model was trained with.
+    """
+    for group in ("preprocess", "atlas"):
+        recorded = getattr(contract, group)
+        given = as_dict(cfg.get(group)) if cfg is not None else None
+        if not given:
+            continue
+        if "kind" in given and _meaning(given, group) != _meaning(recorded, group):
+            raise io.InputError(
+                f"{where}: the model was trained with {group}={recorded.get('name')}; "
+                f"{group}={given.get('name')} would feed it other input (drop the option: "
+                f"the run's own is used)"
+            )
+        local = {k: given[k] for k in LOCAL_KEYS if given.get(k) is not None}
+        if "threads" in (given.get("registration") or {}) and "registration" in recorded:
+            threads = given["registration"]["threads"]
+            local["registration"] = {**recorded["registration"], "threads": threads}
+        setattr(contract, group, {**recorded, **local})
+    return contract
+
+
+def contract_from_options(cfg, why: str) -> InputContract:
+    """A contract from command-line options alone (a bare checkpoint or a scratch run).
+
+    Unset groups take :data:`DEFAULTS`, with a note on stderr saying so.
+    """
+    chosen = {}
+    for group in ("preprocess", "atlas"):
+        given = as_dict(cfg.get(group))
+        if given is None:
+            given = default_preset(group)
+            if why:
+                print(f"subseg: {why}: using {group}={given['name']}", file=sys.stderr)
+        chosen[group] = given
+    return InputContract(chosen["preprocess"], chosen["atlas"])
+
+
+class RunFolder:
+    """A training or fine-tuning run folder: the files that describe its model.
+
+    Args:
+        path: the folder.
+    """
+
+    CONTRACT = "preprocessing.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def config_file(self) -> Path:
+        """Hydra's record of the composed config."""
+        return self.path / ".hydra" / "config.yaml"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Lightning's checkpoints (``best.ckpt``, ``last.ckpt``)."""
+        return self.path / "checkpoints"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The model to use: ``checkpoints/best.ckpt``."""
+        return self.checkpoints_dir / "best.ckpt"
+
+    @property
+    def splits_file(self) -> Path:
+        """The subjects used for training, validation and test."""
+        return self.path / "splits.json"
+
+    @property
+    def atlas_dir(self) -> Path:
+        """Where a ``source_labels`` atlas is kept (built in, or copied from the source run)."""
+        return self.path / "atlas"
+
+    @property
+    def contract_file(self) -> Path:
+        """The input contract (:class:`InputContract`)."""
+        return self.path / self.CONTRACT
+
+    @classmethod
+    def of(cls, path: str | Path) -> RunFolder | None:
+        """The run folder of ``path``: the folder itself or the run a checkpoint lies in."""
+        path = Path(path)
+        for folder in (path, path.parent.parent):  # <run>/checkpoints/<file>.ckpt
+            if (folder / ".hydra" / "config.yaml").is_file():
+                return cls(folder)
+        return None
+
+    def config(self) -> dict:
+        """The run's composed config.
+
+        Raises:
+            io.InputError: the folder has no ``.hydra/config.yaml``.
+        """
+        if not self.config_file.is_file():
+            raise io.InputError(f"{self.path}: not a subseg run folder (no .hydra/config.yaml)")
+        return as_dict(OmegaConf.load(self.config_file))
+
+    def split(self, name: str) -> list[str]:
+        """The subject ids of one split (``train``, ``val``, ``test``).
+
+        Raises:
+            io.InputError: the folder has no ``splits.json``.
+        """
+        if not self.splits_file.is_file():
+            raise io.InputError(f"{self.path}: no splits.json (not a finished subseg run)")
+        return json.loads(self.splits_file.read_text())[name]
+
+    def contract(self) -> InputContract:
+        """The recorded input contract, the atlas located inside this folder when it is saved.
+
+        Raises:
+            io.InputError: the run has no ``preprocessing.json`` (made before subseg recorded
+                it, or unfinished).
+        """
+        if not self.contract_file.is_file():
+            raise io.InputError(
+                f"{self.path}: no {self.CONTRACT}: this run does not record how its input was "
+                "prepared (made by an older subseg, or unfinished): train it again"
+            )
+        record = json.loads(self.contract_file.read_text())
+        contract = InputContract(
+            preprocess=record["preprocess"],
+            atlas=record["atlas"],
+            intensity=record.get("intensity", "zscore"),
+            landmarks=record.get("landmarks"),
+        )
+        if contract.atlas.get("kind") == "source_labels":
+            contract.atlas = {**contract.atlas, "path": str(self.atlas_dir)}
+        return contract
+
+    def write_contract(self, contract: InputContract) -> None:
+        """Record the contract in ``preprocessing.json``.
+
+        A ``source_labels`` atlas saved elsewhere (a source run's) is copied in first, so that
+        the folder alone rebuilds the model's input.
+        """
+        record = contract.record()
+        if contract.atlas.get("kind") == "source_labels":
+            saved = Path(contract.atlas["path"])
+            if saved.resolve() != self.atlas_dir.resolve():
+                shutil.rmtree(self.atlas_dir, ignore_errors=True)
+                shutil.copytree(saved, self.atlas_dir)
+            record["atlas"] = {**contract.atlas, "path": None}  # this folder's atlas/
+        self.path.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(self.contract_file) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
