@@ -74,6 +74,8 @@ def map_in_processes(
         workers: processes (default: one per core this process may use).
         progress_bar: show a progress bar.
     """
+    if not arguments:  # everything cached: no progress bar sitting at 0 %
+        return
     workers = max(1, min(len(arguments), workers or len(os.sched_getaffinity(0))))
     if workers == 1:
         if initializer is not None:

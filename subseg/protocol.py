@@ -69,8 +69,10 @@ def run(cfg: DictConfig) -> dict:
     """Run the protocol of a ``conf/demo*.yaml`` config and write the report.
 
     Writes to ``cfg.output_dir``: ``runs/source`` (unless ``cfg.source_run`` names a finished
-    run), ``runs/<method>`` for every method, ``report.md``, ``report.csv``, ``summary.json``,
-    ``learning_curve.png`` and ``structures_vs_k.png``.
+    run), ``runs/<method>`` for every method (``runs/<method>_d<j>`` for its further draws in
+    ``cfg.draws``), ``report.md``, ``report.csv``, ``summary.json``, ``learning_curve.png`` and
+    ``structures_vs_k.png``. The report says which runs, if any, their wall-clock safety net
+    stopped (their numbers would depend on the machine's speed).
 
     Returns:
         The report's summary (with ``findings``).
@@ -91,11 +93,17 @@ def run(cfg: DictConfig) -> dict:
         tasks.train(_compose("train", overrides, source_dir), source_dir)
         timings["source"] = time.perf_counter() - started
 
-    names = list(cfg.methods)
-    for index, method in enumerate(names, 1):
-        print(f"subseg demo: [{index}/{len(names)}] {method}")
+    jobs = [
+        (method, draw)
+        for method in cfg.methods
+        for draw in (cfg.get("draws") or {}).get(method, [0])
+    ]
+    folders, capped = [], []
+    for index, (method, draw) in enumerate(jobs, 1):
+        name = method if draw == 0 else f"{method}_d{draw}"
+        print(f"subseg demo: [{index}/{len(jobs)}] {name}")
         tick = time.perf_counter()
-        run_dir = out_dir / "runs" / method
+        run_dir = out_dir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a demo-owned folder: start it afresh
         overrides = [
             *common,
@@ -104,15 +112,22 @@ def run(cfg: DictConfig) -> dict:
             *cfg.target_overrides,
             *cfg.finetune_overrides,
             *cfg.methods[method],
+            f"target.draw={draw}",
         ]
         summary = tasks.finetune(_compose("finetune", overrides, run_dir), run_dir)
         if summary.get("method") != method:
             raise ValueError(
                 f"demo method {method} ran as {summary.get('method')}: fix its overrides"
             )
-        timings[method] = time.perf_counter() - tick
+        if summary.get("fit", {}).get("stopped_by") == "max_time":
+            capped.append((name, summary["fit"]))
+        folders.append(run_dir)
+        timings[name] = time.perf_counter() - tick
 
-    runs = report.find_runs([out_dir / "runs" / m for m in names])
+    source_fit = json.loads((source_dir / "summary.json").read_text()).get("fit", {})
+    if source_fit.get("stopped_by") == "max_time":
+        capped.insert(0, ("source", source_fit))
+    runs = report.find_runs(folders)
     summary = report.summarize_methods(runs, "no_tl")
     checked = findings(summary["methods"])
     notes = [
@@ -120,9 +135,16 @@ def run(cfg: DictConfig) -> dict:
         + ", ".join(f"{k} {v:.3f}" for k, v in f["values"].items())
         for f in checked
     ]
+    notes += [
+        f"{name} was stopped by its wall-clock safety net (recipe.max_time={fit['max_time']}) "
+        f"after {fit['epochs']} of {fit['max_epochs']} epochs: its numbers depend on this "
+        "machine's speed"
+        for name, fit in capped
+    ] or ["Every training run ended by its epoch budget or early stopping, not by the clock."]
     notes += list(cfg.report_notes)
     summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
     summary["findings"] = checked
+    summary["capped"] = [name for name, _ in capped]
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
     with io.atomic_path(out_dir / "summary.json") as tmp:

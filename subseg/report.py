@@ -212,6 +212,20 @@ def table_rows(summary: dict) -> list[dict]:
         for name in STRUCTURES
     ]
     rows.append({"structure": "Avg", **{m: f"{s['avg']:.3f}" for m, s in methods.items()}})
+    if any(len(s["avg_per_draw"]) > 1 for s in methods.values()):
+        rows.append(
+            {
+                "structure": "Avg range over draws",
+                **{
+                    m: (
+                        f"{min(s['avg_per_draw']):.3f}–{max(s['avg_per_draw']):.3f}"
+                        if len(s["avg_per_draw"]) > 1
+                        else "—"
+                    )
+                    for m, s in methods.items()
+                },
+            }
+        )
     rows.append({"structure": "wAvg", **{m: f"{s['wavg']:.3f}" for m, s in methods.items()}})
     rows.append(
         {
@@ -232,7 +246,8 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
     lines = [f"# {title}", ""]
     lines += [
         "Dice per structure (mean ± std over test subjects × draws); Avg = mean of the 14 "
-        "structures; wAvg = METHOD.md §8's volume-weighted Dice; p = paired two-sided Wilcoxon "
+        "structures (over all draws of a method; its range over the draws below it); "
+        "wAvg = METHOD.md §8's volume-weighted Dice; p = paired two-sided Wilcoxon "
         f"signed-rank test against {summary['baseline']} on subject × structure Dice (a "
         "method's draws averaged per subject first), Holm-corrected across the table.",
         "",

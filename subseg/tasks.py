@@ -159,6 +159,7 @@ def preview_cohorts(datasets: Mapping[str, Mapping], path: str | Path) -> Path:
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for row_axes, (image, label, spacing, title) in zip(axes, rows, strict=True):
         overlay.draw_row(row_axes, image, label, spacing, title)
+    overlay.add_legend(fig)
     return overlay.save_figure(fig, path)
 
 
@@ -335,7 +336,7 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
 
     Returns:
         (the best checkpoint's path on the main process, ``None`` on the others (DDP);
-        the trainer).
+        the trainer; :func:`fit_record`'s record).
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -381,20 +382,47 @@ def _fit(cfg, run_dir: Path, module, pooled, indices, recipe: Mapping, callbacks
     )
     train_idx, val_idx = indices
     trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
+    fit = fit_record(trainer, early, recipe)
     if not trainer.is_global_zero:
-        return None, trainer
+        return None, trainer, fit
     best = checkpoint.best_model_path or checkpoint.last_model_path
     if not best:
         raise io.InputError(
             f"{run_dir}: training stopped before its first validation (recipe.max_time="
             f"{recipe['max_time']}, recipe.max_epochs={recipe['max_epochs']}): no model to keep"
         )
-    return best, trainer
+    return best, trainer, fit
 
 
-def _finish(
-    run_dir: Path, net, test_items, by_id, loggers=(), extra=None, seg_dir=None
-) -> dict:
+def fit_record(trainer, early, recipe: Mapping) -> dict:
+    """How a fit ended: the epochs it ran and what stopped it.
+
+    ``max_epochs`` and ``early_stopping`` give the same model on any machine; ``max_time`` is the
+    wall-clock safety net, and a model it stopped depends on the machine's speed.
+    """
+    epochs = int(trainer.current_epoch)
+    if early.stopped_epoch > 0:
+        stopped_by = "early_stopping"
+    elif epochs >= int(recipe["max_epochs"]):
+        stopped_by = "max_epochs"
+    else:
+        stopped_by = "max_time"
+    if stopped_by == "max_time":
+        print(
+            f"subseg: the wall-clock cap recipe.max_time={recipe['max_time']} stopped training "
+            f"after {epochs} of {recipe['max_epochs']} epochs: the result depends on this "
+            "machine's speed",
+            file=sys.stderr,
+        )
+    return {
+        "epochs": epochs,
+        "max_epochs": int(recipe["max_epochs"]),
+        "stopped_by": stopped_by,
+        "max_time": recipe["max_time"],
+    }
+
+
+def _finish(run_dir: Path, net, test_items, by_id, loggers=(), extra=None, seg_dir=None) -> dict:
     """Evaluate on the test subjects; write ``metrics.csv``, ``summary.json`` and figures."""
     rows = evaluate_subjects(
         net, [(by_id[item["id"]], item) for item in test_items], run_dir / "qc", seg_dir
@@ -456,7 +484,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         for item in cached(splits["val"])
     ]
     module = SegmentationModule(dropout=float(recipe["dropout"]), lr=float(recipe["lr"]))
-    best, trainer = _fit(
+    best, trainer, fit = _fit(
         cfg,
         run_dir,
         module,
@@ -474,7 +502,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         cached(splits["test"]),
         by_id,
         trainer.loggers,
-        {"checkpoint": str(Path(best).resolve().relative_to(run_dir.resolve()))},
+        {
+            "checkpoint": str(Path(best).resolve().relative_to(run_dir.resolve())),
+            "fit": fit,
+        },
     )
     print(
         f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "
@@ -654,7 +685,9 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             pooled = data.PatchDataset(samples)
         del samples
         record["samples"] = {"train": len(train_idx), "val": len(val_idx)}
-        best, trainer = _fit(cfg, run_dir, module, pooled, (train_idx, val_idx), recipe, callbacks)
+        best, trainer, record["fit"] = _fit(
+            cfg, run_dir, module, pooled, (train_idx, val_idx), recipe, callbacks
+        )
         if best is None:
             return {}
         net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
@@ -670,7 +703,12 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         cached(splits["test"]),
         by_id,
         loggers,
-        {"checkpoint": "checkpoints/best.ckpt", "n_images": k, "method": method_key(cfg)},
+        {
+            "checkpoint": "checkpoints/best.ckpt",
+            "n_images": k,
+            "method": method_key(cfg),
+            **({"fit": record["fit"]} if "fit" in record else {}),
+        },
     )
     print(
         f"subseg: {method_key(cfg)} on {dataset['name']}: test mean Dice {summary['avg']:.3f} "

@@ -4,7 +4,7 @@ import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from subseg import bias, labels, synth, transforms
+from subseg import labels, synth, transforms
 
 
 def _n4_cfg(cache_dir, **changes):
@@ -44,7 +44,10 @@ def test_n4_removes_a_smooth_multiplicative_field(biased_scan):
     root, clean, biased, classes = biased_scan
     load_only = transforms.preprocessing(None, normalize=False)
     corrected = transforms.preprocessing(None, normalize=False, preprocess=_n4_cfg(root / "c"))
-    assert abs(_putamen_ratio(load_only({"image": str(clean)})["image"][0].numpy(), classes) - 1) < 0.01
+    assert (
+        abs(_putamen_ratio(load_only({"image": str(clean)})["image"][0].numpy(), classes) - 1)
+        < 0.01
+    )
     before = _putamen_ratio(load_only({"image": str(biased)})["image"][0].numpy(), classes)
     after = _putamen_ratio(corrected({"image": str(biased)})["image"][0].numpy(), classes)
     assert abs(before - 1) > 0.03, before  # the field is there without N4 ...

@@ -44,7 +44,7 @@ def _counting(monkeypatch, module, name):
 
 
 def test_n4_cache_is_keyed_on_content(tmp_path, monkeypatch):
-    path = _scan(tmp_path / "s.nii.gz")
+    path = _scan(tmp_path / "s.nii")  # uncompressed: a changed voxel keeps the size
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "preprocess" / "n4.yaml"))
     cfg.update(cache_dir=str(tmp_path / "cache"), iterations=[5, 5])
     calls = _counting(monkeypatch, bias, "correct")
@@ -70,7 +70,7 @@ def test_n4_cache_is_keyed_on_content(tmp_path, monkeypatch):
 
 
 def test_prior_cache_is_keyed_on_content(tmp_path, monkeypatch):
-    path = _scan(tmp_path / "s.nii.gz")
+    path = _scan(tmp_path / "s.nii")  # uncompressed: a changed voxel keeps the size
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "atlas" / "harvard_oxford.yaml"))
     cfg["cache_dir"] = str(tmp_path / "cache")
     source = atlas.AtlasSource("fake", np.zeros((2, 2, 2)), np.eye(4), None, np.eye(4), "fake:1")
@@ -101,8 +101,8 @@ def test_prior_cache_is_keyed_on_content(tmp_path, monkeypatch):
 
 
 def test_file_digest_follows_bytes_not_names(tmp_path):
-    a = _scan(tmp_path / "a.nii.gz")
-    b = tmp_path / "b.nii.gz"
+    a = _scan(tmp_path / "a.nii")
+    b = tmp_path / "b.nii"
     b.write_bytes(a.read_bytes())
     assert cache.file_digest(a) == cache.file_digest(b)
     _change_one_voxel(b)
