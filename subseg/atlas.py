@@ -628,17 +628,27 @@ def main(argv: list[str] | None = None) -> None:
         help="harvard_oxford or none, or a "
         "conf/atlas YAML file (source_labels needs atlas.path set in it)",
     )
+    parser.add_argument(
+        "--preprocess",
+        default="n4",
+        choices=["n4", "none"],
+        help="register to the N4 bias-corrected scan, as training and prediction do (default)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="PNG (default: <image>_prior.png)")
     args = parser.parse_args(argv)
+    conf = Path(__file__).resolve().parents[1] / "conf"
     config_path = Path(args.atlas)
     if not config_path.is_file():
-        config_path = Path(__file__).resolve().parents[1] / "conf" / "atlas" / f"{args.atlas}.yaml"
+        config_path = conf / "atlas" / f"{args.atlas}.yaml"
     cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    preprocess = OmegaConf.to_container(
+        OmegaConf.load(conf / "preprocess" / f"{args.preprocess}.yaml")
+    )
     from subseg.tasks import cli_errors
 
     with cli_errors():
         image = io.load_image(args.image)
-        prior = subject_prior(image, cfg, load_source(cfg))
+        prior = subject_prior(image, cfg, load_source(cfg), preprocess)
         stem = args.image.name.removesuffix(".gz").removesuffix(".nii")
         out = save_prior_qc(image, prior, args.out or args.image.with_name(f"{stem}_prior.png"))
     print(out)

@@ -157,13 +157,14 @@ def check_options(contract: InputContract, cfg, where: Path | str) -> InputContr
 def contract_from_options(cfg, why: str) -> InputContract:
     """A contract from command-line options alone (a bare checkpoint or a scratch run).
 
-    Unset groups take :data:`DEFAULTS`, with a note on stderr saying so.
+    Unset groups take :data:`DEFAULTS` (with local settings such as ``cache_dir`` kept), with a
+    note on stderr saying so.
     """
     chosen = {}
     for group in ("preprocess", "atlas"):
-        given = as_dict(cfg.get(group))
-        if given is None:
-            given = default_preset(group)
+        given = as_dict(cfg.get(group)) or {}
+        if "kind" not in given:  # unset, or only local settings (+atlas.cache_dir=…)
+            given = {**default_preset(group), **given}
             if why:
                 print(f"subseg: {why}: using {group}={given['name']}", file=sys.stderr)
         chosen[group] = given

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -154,8 +156,49 @@ def test_scratch_mixed_and_nyul_baselines(source_run):
 
     nyul, run = _finetune(root, paths, source, "n0", "target.n_images=0", "intensity=nyul")
     assert nyul["method"] == "nyul_no_tl"
-    landmarks = json.loads((run / "nyul_landmarks.json").read_text())
+    landmarks = json.loads((run / "preprocessing.json").read_text())["landmarks"]
     assert len(landmarks) > 3 and landmarks == sorted(landmarks)
+
+
+@pytest.mark.slow
+def test_predict_feeds_the_model_what_it_was_trained_with(source_run):
+    """A run with Nyúl standardisation and no atlas: predict.py reads both (and N4) from it."""
+    root, paths, source = source_run
+    tuned, run = _finetune(
+        root, paths, source, "n1", "target.n_images=1", "intensity=nyul", "evaluate_source=false"
+    )
+    contract = json.loads((run / "preprocessing.json").read_text())
+    assert (contract["intensity"], contract["atlas"]["kind"]) == ("nyul", "none")
+    assert contract["preprocess"]["kind"] == "n4" and len(contract["landmarks"]) == 11
+    assert tuned["fit"]["stopped_by"] in ("max_epochs", "early_stopping")
+
+    _run("evaluate.py", f"run_dir={run}", *paths, "name=n1", "segmentations=true", cwd=root)
+    evaluated = root / "out" / "evaluate" / "n1"
+    subject = json.loads((run / "splits.json").read_text())["test"][0]
+    scan = root / "data" / "synth" / "synth_tiny_target" / "images" / f"{subject}.nii.gz"
+    out = root / "predicted_n1"
+    _run("predict.py", f"run_dir={run}", f"input={scan}", f"out_dir={out}", *paths, cwd=root)
+    predicted = np.asarray(nib.load(out / f"{subject}_seg.nii.gz").dataobj)
+    expected = np.asarray(nib.load(evaluated / "segmentations" / f"{subject}_seg.nii.gz").dataobj)
+    assert predicted.shape == nib.load(scan).shape and expected.any()
+    np.testing.assert_array_equal(predicted, expected)
+
+    # Options that contradict the run's record are refused in one line, never applied.
+    for option, recorded in (
+        ("preprocess=none", "preprocess=n4"),
+        ("atlas=harvard_oxford", "atlas=none"),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "predict.py"), f"run_dir={run}", f"input={scan}", option],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(root)},
+        )
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert last.startswith(f"subseg: error: {run}: the model was trained with {recorded}")
 
 
 def test_finetune_without_a_source_is_one_line(tmp_path):

@@ -45,9 +45,16 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     for method in report["methods"].values():
         assert 0.0 <= method["avg"] <= 1.0 and len(method["per_structure"]) == 14
     assert len(report["findings"]) == 4
+    # TL-1 and TL-2 on two draws each: both runs count, and the report gives their range.
+    assert report["methods"]["tl1"]["draws"] == [0, 1] and report["methods"]["tl2"]["n_runs"] == 2
+    assert (out / "runs" / "tl1_d1" / "preprocessing.json").is_file()
+    # Budgets are epochs; the clock is a safety net the report names when it fires.
+    assert isinstance(report["capped"], list)
     assert "source_test" in report["methods"]["tl3"]  # retention on the source scanner
     text = (out / "report.md").read_text()
     assert "| structure | no_tl |" in text and "Source-domain retention" in text
+    assert "| Avg range over draws |" in text
+    assert ("wall-clock safety net" in text) == bool(report["capped"])
     assert (out / "learning_curve.png").stat().st_size > 5_000
 
     image = tmp_path / "data" / "synth" / "synth_tiny_source" / "images" / "s000.nii.gz"
