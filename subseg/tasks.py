@@ -593,7 +593,13 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             else ""
         )
         contract = run_folder.contract_from_options(cfg, why)
-    contract.intensity, contract.landmarks = str(cfg.intensity), None
+    if contract.intensity == "nyul" and cfg.intensity != "nyul":  # a Nyúl-tuned source model
+        raise io.InputError(
+            f"{source_dir.path}: the model was trained with intensity=nyul; "
+            f"intensity={cfg.intensity} would feed it other input (add intensity=nyul)"
+        )
+    if cfg.intensity != contract.intensity:
+        contract.intensity, contract.landmarks = str(cfg.intensity), None
     print(f"subseg: input: {contract.describe()}")
     dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
     preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
@@ -622,7 +628,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             "run folder, source_run=<training run folder>"
         )
     splits, subjects, source, contract = prepare_run(cfg, run_dir, draw, contract)
-    if cfg.intensity == "nyul":
+    if cfg.intensity == "nyul" and contract.landmarks is None:
         contract.landmarks = _nyul_landmarks(source_dir, source_cfg, contract)
     RunFolder(run_dir).write_contract(contract)
     by_id = {s.id: s for s in subjects}

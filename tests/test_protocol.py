@@ -1,0 +1,35 @@
+from subseg import protocol
+from subseg.labels import STRUCTURES
+
+
+def _method(avg, bump=None):
+    per = {name: {"mean": avg, "std": 0.0} for name in STRUCTURES}
+    for name, value in (bump or {}).items():
+        per[name] = {"mean": value, "std": 0.0}
+    return {"avg": avg, "per_structure": per}
+
+
+def test_a_failed_finding_carries_its_per_structure_evidence():
+    methods = {
+        "no_tl": _method(0.78),
+        "tl1": _method(0.80, {"right_putamen": 0.90, "left_amygdala": 0.70}),
+        "tl3": _method(0.84),
+        "scratch3": _method(0.81),
+    }
+    checked = {f["claim"]: f for f in protocol.findings(methods)}
+    assert set(checked) == {
+        "No TL clearly below TL-1 (by >= 0.10 Avg Dice)",
+        "TL-3 >= TL-1",
+        "TL-3 > scratch-3",
+    }  # Nyúl was not run: not checked
+    failed = checked["No TL clearly below TL-1 (by >= 0.10 Avg Dice)"]
+    assert not failed["holds"] and list(failed["values"]) == ["tl1", "no_tl"]
+    gains = failed["per_structure"]
+    assert list(gains)[0] == "right_putamen" and list(gains)[-1] == "left_amygdala"
+    assert abs(gains["right_putamen"] - 0.12) < 1e-9 and abs(gains["left_amygdala"] + 0.08) < 1e-9
+    note = protocol.finding_note(failed)
+    assert note.startswith("does NOT hold") and "tl1 − no_tl: right_putamen +0.120" in note
+    assert "left_amygdala -0.080" in note
+    held = checked["TL-3 > scratch-3"]
+    assert held["holds"] and "per_structure" not in held
+    assert protocol.finding_note(held).startswith("holds")
