@@ -180,6 +180,7 @@ def build_source_atlas(
     registration: Registration = Registration(),
     smoothing_mm: float = 1.0,
     progress: bool = True,
+    preprocess: Mapping | None = None,
 ) -> Path:
     """Build a probabilistic atlas from labelled subjects on the ICBM 2009c template.
 
@@ -195,6 +196,8 @@ def build_source_atlas(
         registration: registration settings.
         smoothing_mm: Gaussian sigma applied to each averaged channel.
         progress: show a progress bar.
+        preprocess: the ``conf/preprocess`` entry: subjects are registered bias-corrected, as
+            their priors are.
 
     Returns:
         ``out_dir``.
@@ -206,6 +209,7 @@ def build_source_atlas(
         "protocol": protocol,
         "registration": asdict(registration),
         "smoothing_mm": smoothing_mm,
+        "preprocess": _n4_record(preprocess),
     }
     key = cache.key_of(record)
     if cache.load_entry(out_dir, key) is not None:
@@ -220,6 +224,10 @@ def build_source_atlas(
         image = io.load_image(subject.image)
         label = io.load_label(subject.label, image=image, protocol=protocol)
         classes = label_protocol.map_to_classes(label.data, protocol)
+        if preprocess is not None:
+            image = dataclasses.replace(
+                image, data=bias.corrected(image.path, image.data, image.affine, preprocess)
+            )
         with tempfile.TemporaryDirectory(prefix="subseg-reg-") as work:
             moving = antspy.image(ants, image.data, image.affine)
             transforms = _register(ants, fixed, moving, registration, Path(work))
@@ -277,6 +285,7 @@ def load_source(
     source_subjects: Sequence | None = None,
     protocol: label_protocol.LabelSpec | None = None,
     build_dir: str | Path | None = None,
+    preprocess: Mapping | None = None,
 ) -> AtlasSource | None:
     """Resolve an ``atlas`` config to its source (``None`` for ``atlas=none``).
 
@@ -285,6 +294,7 @@ def load_source(
         source_subjects: labelled source training subjects, to build ``source_labels``.
         protocol: their label protocol.
         build_dir: where to build (or find) the ``source_labels`` atlas when ``cfg.path`` is null.
+        preprocess: the ``conf/preprocess`` entry the subjects are registered through.
     """
     kind = cfg["kind"]
     if kind == "none":
@@ -305,6 +315,7 @@ def load_source(
             build_dir,
             registration_of(cfg),
             float(cfg.get("smoothing_mm", 1.0)),
+            preprocess=preprocess,
         )
         return load_saved_atlas(folder)
     raise io.InputError(
@@ -461,13 +472,14 @@ def cache_folder(
     options = {
         "format": FORMAT_VERSION,
         "atlas": source.identity,
-        "registration": asdict(registration_of(cfg)),
+        # Threads change how fast, not what (up to interpolation round-off): not in the key.
+        "registration": {**asdict(registration_of(cfg)), "threads": None},
         "distances": [int(cfg["roi_distance"]), int(cfg["mask_distance"])],
         "preprocess": _n4_record(preprocess),
     }
     key = cache.key_of({**options, "image": cache.file_digest(image_path)})
     base = cache.base_folder(image_path, cfg.get("cache_dir"))
-    return base / f"{source.name}-{cache.key_of(options)[:12]}" / cache.stem(image_path), key
+    return base / f"{source.name}-{cache.key_of(options)[:12]}" / cache.entry_name(image_path), key
 
 
 def _n4_record(preprocess: Mapping | None) -> dict | None:

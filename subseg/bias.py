@@ -110,7 +110,7 @@ def _entry(path: Path, cfg: Mapping, settings: N4) -> tuple[Path, str]:
     options = {"format": FORMAT_VERSION, "n4": settings.record()}
     key = cache.key_of({**options, "image": cache.file_digest(path)})
     folder = cache.base_folder(path, cfg.get("cache_dir")) / f"n4-{cache.key_of(options)[:12]}"
-    return folder / cache.stem(path), key
+    return folder / cache.entry_name(path), key
 
 
 def corrected(path: str | Path, data: np.ndarray, affine: np.ndarray, cfg: Mapping) -> np.ndarray:
@@ -135,13 +135,17 @@ def corrected(path: str | Path, data: np.ndarray, affine: np.ndarray, cfg: Mappi
         stored = np.asarray(entry[1][FILE].dataobj, dtype=np.float32)
         if stored.shape == data.shape:
             return stored
-    result = correct(data, affine, settings)
+    try:
+        result = correct(data, affine, settings)
+    except Exception as exc:  # ITK raises RuntimeError with pages of C++ context
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        raise io.InputError(f"{path}: N4 bias-field correction failed ({reason})") from None
     cache.publish(
         folder,
         key,
         {FILE: (result, affine)},
         {"image": str(path.resolve())},
-        setting="preprocess.cache_dir",
+        setting="++preprocess.cache_dir",
     )
     return result
 

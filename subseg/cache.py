@@ -52,12 +52,23 @@ def stem(path: str | os.PathLike) -> str:
     return Path(path).name.removesuffix(".gz").removesuffix(".nii")
 
 
+def entry_name(path: str | os.PathLike) -> str:
+    """A scan's entry folder name: its file name and a short hash of where it lies.
+
+    Two scans with the same name (``sub-01/T1.nii.gz``, ``sub-02/T1.nii.gz``) sharing one cache
+    folder get entries of their own instead of evicting each other; the key inside an entry is
+    still the file's content.
+    """
+    where = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+    return f"{stem(path)}-{where}"
+
+
 def publish(
     folder: Path,
     key: str,
     arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
     extra: Mapping,
-    setting: str = "atlas.cache_dir",
+    setting: str = "++atlas.cache_dir",
 ) -> None:
     """Write a cache entry (NIfTI files + manifest) privately, then rename it into place whole.
 

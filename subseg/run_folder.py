@@ -93,10 +93,14 @@ class InputContract:
         return atlas.load_source(self.atlas)
 
     def record(self) -> dict:
-        """The JSON form written to ``preprocessing.json``."""
+        """The JSON form written to ``preprocessing.json``.
+
+        What the model's input is, without the settings of the machine that trained it (cache
+        folders, threads).
+        """
         return {
-            "preprocess": self.preprocess,
-            "atlas": self.atlas,
+            "preprocess": _without_local(self.preprocess),
+            "atlas": _without_local(self.atlas),
             "intensity": self.intensity,
             "landmarks": self.landmarks,
         }
@@ -110,7 +114,14 @@ class InputContract:
 
 
 LOCAL_KEYS = ("cache_dir", "threads")
-"""Settings that change where or how fast, never what: taken from the options even for a run."""
+"""Settings that change where or how fast, never what: never recorded, taken from the options."""
+
+
+def _without_local(preset: Mapping) -> dict:
+    out = {k: v for k, v in preset.items() if k not in LOCAL_KEYS}
+    if isinstance(out.get("registration"), Mapping):
+        out["registration"] = {k: v for k, v in out["registration"].items() if k != "threads"}
+    return out
 
 
 def _meaning(preset: Mapping, group: str):
@@ -147,8 +158,8 @@ def check_options(contract: InputContract, cfg, where: Path | str) -> InputContr
                 f"the run's own is used)"
             )
         local = {k: given[k] for k in LOCAL_KEYS if given.get(k) is not None}
-        if "threads" in (given.get("registration") or {}) and "registration" in recorded:
-            threads = given["registration"]["threads"]
+        threads = (given.get("registration") or {}).get("threads")
+        if threads is not None and "registration" in recorded:
             local["registration"] = {**recorded["registration"], "threads": threads}
         setattr(contract, group, {**recorded, **local})
     return contract

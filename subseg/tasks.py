@@ -233,7 +233,9 @@ def prepare_run(
     training = (
         [s for s in subjects if s.id in set(splits["train"])] if cfg.task == "train" else None
     )
-    source = atlas.load_source(contract.atlas, training, protocol, build_dir=run.atlas_dir)
+    source = atlas.load_source(
+        contract.atlas, training, protocol, build_dir=run.atlas_dir, preprocess=contract.preprocess
+    )
     if contract.atlas.get("kind") == "source_labels" and not contract.atlas.get("path"):
         contract.atlas = {**contract.atlas, "path": str(run.atlas_dir)}
     atlas.ensure_priors(images, contract.atlas, source, preprocess=contract.preprocess)
@@ -400,13 +402,20 @@ def fit_record(trainer, early, recipe: Mapping) -> dict:
     ``max_epochs`` and ``early_stopping`` give the same model on any machine; ``max_time`` is the
     wall-clock safety net, and a model it stopped depends on the machine's speed.
     """
+    from lightning.pytorch.callbacks import Timer
+
     epochs = int(trainer.current_epoch)
-    if early.stopped_epoch > 0:
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if trainer.interrupted:
+        stopped_by = "interrupted"
+    elif early.wait_count >= early.patience:
         stopped_by = "early_stopping"
     elif epochs >= int(recipe["max_epochs"]):
         stopped_by = "max_epochs"
-    else:
+    elif timer is not None and (timer.time_remaining() or 0) <= 0:
         stopped_by = "max_time"
+    else:  # e.g. a non-finite monitored value
+        stopped_by = "other"
     if stopped_by == "max_time":
         print(
             f"subseg: the wall-clock cap recipe.max_time={recipe['max_time']} stopped training "
@@ -871,7 +880,17 @@ def model_of(cfg: DictConfig) -> tuple[Path, InputContract, RunFolder | None]:
     checkpoint = Path(cfg.ckpt) if cfg.get("ckpt") else (run.checkpoint if run else None)
     if checkpoint is None:
         raise io.InputError("name a trained model: run_dir=<run folder> or ckpt=<file>")
-    run = run or RunFolder.of(checkpoint)
+    owner = RunFolder.of(checkpoint)
+    if (
+        run is not None
+        and cfg.get("ckpt")
+        and (owner is None or owner.path.resolve() != run.path.resolve())
+    ):
+        raise io.InputError(
+            f"{checkpoint}: not a checkpoint of run_dir={run.path} (that run's input contract "
+            "would not be this model's): give one of run_dir= or ckpt="
+        )
+    run = run or owner
     if run is None:
         why = f"{checkpoint} is a bare checkpoint (what it was trained with is unknown)"
         return checkpoint, run_folder.contract_from_options(cfg, why), None

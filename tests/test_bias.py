@@ -4,7 +4,7 @@ import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from subseg import labels, synth, transforms
+from subseg import io, labels, synth, transforms
 
 
 def _n4_cfg(cache_dir, **changes):
@@ -61,5 +61,5 @@ def test_preprocess_none_leaves_the_scan_alone(biased_scan):
     plain = transforms.preprocessing(None)({"image": str(biased)})["image"]
     none = transforms.preprocessing(None, preprocess={"name": "none", "kind": "none"})
     np.testing.assert_array_equal(none({"image": str(biased)})["image"], plain)
-    with pytest.raises(Exception, match="choose n4 or none"):
+    with pytest.raises(io.InputError, match="choose n4 or none"):
         transforms.preprocessing(None, preprocess={"name": "x", "kind": "n3"})

@@ -74,10 +74,11 @@ def test_prior_cache_is_keyed_on_content(tmp_path, monkeypatch):
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "atlas" / "harvard_oxford.yaml"))
     cfg["cache_dir"] = str(tmp_path / "cache")
     source = atlas.AtlasSource("fake", np.zeros((2, 2, 2)), np.eye(4), None, np.eye(4), "fake:1")
-    calls = []
+    calls, seen = [], []
 
     def fake_registration(image, *args, **kwargs):  # the cache, not ANTs, is under test
         calls.append(1)
+        seen.append(image.data.copy())
         prior = atlas.brain_prior(image)
         prior.structures[0, 4:8, 4:8, 4:8] = np.float32(128) / atlas.QUANTUM  # as stored
         return prior
@@ -92,11 +93,14 @@ def test_prior_cache_is_keyed_on_content(tmp_path, monkeypatch):
     _change_one_voxel(path)
     atlas.subject_prior(io.load_image(path), cfg, source)
     assert len(calls) == 2
-    # The registration saw a bias-corrected scan: another entry.
+    # With N4 the registration sees the bias-corrected scan, under another entry.
     n4 = {"name": "n4", "kind": "n4", "iterations": [5], "cache_dir": str(tmp_path / "c")}
-    atlas.subject_prior(io.load_image(path), cfg, source, n4)
+    assert atlas.ensure_priors([path], cfg, source, workers=1, progress=False, preprocess=n4) == 1
     assert len(calls) == 3
-    atlas.subject_prior(io.load_image(path), cfg, source, n4)
+    image = io.load_image(path)
+    np.testing.assert_array_equal(seen[-1], bias.corrected(path, image.data, image.affine, n4))
+    assert not np.array_equal(seen[-1], image.data)
+    atlas.subject_prior(io.load_image(path), cfg, source, n4)  # what ensure_priors cached
     assert len(calls) == 3
 
 
@@ -114,3 +118,14 @@ def test_preset_configs_parse(kind):
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "preprocess" / f"{kind}.yaml"))
     settings = bias.N4.from_config(cfg)
     assert (settings is None) == (kind == "none")
+
+
+def test_same_named_scans_in_one_cache_folder_keep_their_own_entries(tmp_path, monkeypatch):
+    first, second = _scan(tmp_path / "a" / "T1.nii"), _scan(tmp_path / "b" / "T1.nii")
+    _change_one_voxel(second)
+    cfg = {"name": "n4", "kind": "n4", "iterations": [5], "cache_dir": str(tmp_path / "cache")}
+    calls = _counting(monkeypatch, bias, "correct")
+    for path in (first, second, first, second):
+        image = io.load_image(path)
+        bias.corrected(path, image.data, image.affine, cfg)
+    assert len(calls) == 2

@@ -174,6 +174,9 @@ def test_predict_feeds_the_model_what_it_was_trained_with(source_run):
 
     _run("evaluate.py", f"run_dir={run}", *paths, "name=n1", "segmentations=true", cwd=root)
     evaluated = root / "out" / "evaluate" / "n1"
+    # evaluate.py, from the folder alone, scores the model as the run itself did.
+    again = json.loads((evaluated / "summary.json").read_text())
+    assert again["avg"] == pytest.approx(tuned["avg"], abs=1e-6)
     subject = json.loads((run / "splits.json").read_text())["test"][0]
     scan = root / "data" / "synth" / "synth_tiny_target" / "images" / f"{subject}.nii.gz"
     out = root / "predicted_n1"

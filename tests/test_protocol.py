@@ -33,3 +33,35 @@ def test_a_failed_finding_carries_its_per_structure_evidence():
     held = checked["TL-3 > scratch-3"]
     assert held["holds"] and "per_structure" not in held
     assert protocol.finding_note(held).startswith("holds")
+
+
+class _Early:
+    def __init__(self, wait_count, patience=4):
+        self.wait_count, self.patience = wait_count, patience
+
+
+class _Trainer:
+    def __init__(self, epochs, interrupted=False, callbacks=()):
+        self.current_epoch, self.interrupted, self.callbacks = epochs, interrupted, list(callbacks)
+
+
+def test_fit_record_says_what_stopped_training():
+    from lightning.pytorch.callbacks import Timer
+
+    from subseg import tasks
+
+    recipe = {"max_epochs": 10, "max_time": "00:00:01:00"}
+    spent = Timer(duration="00:00:00:01")
+    spent.time_remaining = lambda stage=None: 0.0
+    left = Timer(duration="00:00:01:00")
+    left.time_remaining = lambda stage=None: 30.0
+    cases = [
+        (_Trainer(10, callbacks=[left]), _Early(1), "max_epochs"),
+        (_Trainer(6, callbacks=[left]), _Early(4), "early_stopping"),
+        (_Trainer(3, callbacks=[spent]), _Early(0), "max_time"),
+        (_Trainer(3, interrupted=True, callbacks=[left]), _Early(0), "interrupted"),
+        (_Trainer(3, callbacks=[left]), _Early(0), "other"),
+    ]
+    for trainer, early, expected in cases:
+        record = tasks.fit_record(trainer, early, recipe)
+        assert record["stopped_by"] == expected and record["epochs"] == trainer.current_epoch
