@@ -30,8 +30,9 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
-from subseg import io, metrics, stats
+from subseg import environment, io, metrics, stats
 from subseg.labels import STRUCTURES
+from subseg.run_folder import RunFolder
 
 FAMILIES = (
     ("no_tl", "No TL"),
@@ -58,6 +59,7 @@ class Run:
     draw: int
     rows: list[dict]
     source_rows: list[dict] = field(default_factory=list)
+    environment: dict | None = None
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -92,6 +94,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
                     draw=int(target.get("draw", 0)),
                     rows=_read_rows(folder / "metrics.csv"),
                     source_rows=_read_rows(source_metrics) if source_metrics.is_file() else [],
+                    environment=RunFolder(folder).environment(),
                 )
             )
     if not runs:
@@ -239,6 +242,15 @@ def table_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def software(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Each distinct recorded environment (one line) → the run folders made with it."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        line = environment.describe(run.environment) if run.environment else "not recorded"
+        out.setdefault(line, []).append(run.folder.name)
+    return out
+
+
 def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
     """The report as Markdown: the method table, retention, and notes."""
     methods = list(summary["methods"])
@@ -276,6 +288,12 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
         lines += [f"| {m} | {v['avg']:.3f} | {v['wavg']:.3f} |" for m, v in retained.items()]
     if notes:
         lines += ["", "## Findings", ""] + [f"- {n}" for n in notes]
+    if summary.get("software"):
+        lines += ["", "## Software", ""]
+        if len(summary["software"]) > 1:
+            lines += ["The runs were made with different software or machines:", ""]
+        for line, folders in summary["software"].items():
+            lines.append(f"- {line} ({len(folders)} run(s): {', '.join(sorted(folders))})")
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +380,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize_methods(runs, baseline)
     summary["runs"] = {str(r.folder): r.method for r in runs}
+    summary["software"] = software(runs)
     rows = table_rows(summary)
     with io.atomic_path(out_dir / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["structure", *summary["methods"]])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import atlas, bias, io, transforms
+from subseg import atlas, bias, environment, io, transforms
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The Hydra config tree (default presets are read from it)."""
@@ -221,6 +221,25 @@ class RunFolder:
     def atlas_dir(self) -> Path:
         """Where a ``source_labels`` atlas is kept (built in, or copied from the source run)."""
         return self.path / "atlas"
+
+    @property
+    def environment_file(self) -> Path:
+        """The software and machine that made the run (:mod:`subseg.environment`)."""
+        return self.path / "environment.json"
+
+    def write_environment(self, accelerator: str | None = None) -> dict:
+        """Record this process's software and machine in ``environment.json``."""
+        record = environment.record(accelerator)
+        self.path.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(self.environment_file) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
+        return record
+
+    def environment(self) -> dict | None:
+        """The recorded environment, or ``None`` for a run made before subseg recorded it."""
+        if not self.environment_file.is_file():
+            return None
+        return json.loads(self.environment_file.read_text())
 
     @property
     def contract_file(self) -> Path:

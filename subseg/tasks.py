@@ -475,6 +475,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
+    RunFolder(run_dir).write_environment(str(cfg.accelerator))
     splits, subjects, source, contract = prepare_run(cfg, run_dir)
     RunFolder(run_dir).write_contract(contract)
     dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
@@ -636,6 +637,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             "intensity=nyul standardises to the source training images: name the source "
             "run folder, source_run=<training run folder>"
         )
+    RunFolder(run_dir).write_environment(str(cfg.accelerator))
     splits, subjects, source, contract = prepare_run(cfg, run_dir, draw, contract)
     if cfg.intensity == "nyul" and contract.landmarks is None:
         contract.landmarks = _nyul_landmarks(source_dir, source_cfg, contract)

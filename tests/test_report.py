@@ -107,3 +107,24 @@ def test_method_families():
     assert report.family_of("scratch3") == ("scratch", 3)
     assert report.family_of("no_tl") == ("no_tl", 0)
     assert report.family_of("tl1_bn_only") == ("tl_bn_only", 1)
+
+
+def test_report_names_the_software_each_run_was_made_with(tmp_path):
+    from subseg.run_folder import RunFolder
+
+    runs = tmp_path / "runs"
+    first = _run_folder(runs, "no_tl", 0, 0, {"t1": 0.5, "t2": 0.6})
+    second = _run_folder(runs, "tl1", 1, 0, {"t1": 0.7, "t2": 0.8})
+    recorded = RunFolder(first).write_environment("cpu")
+    assert recorded["packages"]["torch"].startswith("2.")
+    other = {**recorded, "packages": {**recorded["packages"], "torch": "9.9.9"}}
+    RunFolder(second).environment_file.write_text(json.dumps(other))
+    summary = report.write_report(report.find_runs([runs]), tmp_path / "out")
+    lines = sorted(summary["software"])
+    assert len(lines) == 2 and any("torch 9.9.9" in line for line in lines)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Software" in text and "made with different software or machines" in text
+
+    RunFolder(second).environment_file.unlink()  # a run from before the record existed
+    summary = report.write_report(report.find_runs([runs]), tmp_path / "out2")
+    assert summary["software"]["not recorded"] == ["tl1_d0"]
