@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import protocol, tasks
+from subseg import io, protocol, tasks
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
     """Summarise the cohorts, then run the protocol and write the report."""
-    with tasks.cli_errors():
+    with io.cli_errors():
         tasks.demo(cfg)
         protocol.run(cfg)
 

@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import tasks
+from subseg import io, tasks
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Segment every input T1 and report structure volumes."""
-    with tasks.cli_errors():
+    with io.cli_errors():
         tasks.predict(cfg)
 
 

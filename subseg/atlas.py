@@ -656,9 +656,7 @@ def main(argv: list[str] | None = None) -> None:
     preprocess = OmegaConf.to_container(
         OmegaConf.load(conf / "preprocess" / f"{args.preprocess}.yaml")
     )
-    from subseg.tasks import cli_errors
-
-    with cli_errors():
+    with io.cli_errors():
         image = io.load_image(args.image)
         prior = subject_prior(image, cfg, load_source(cfg), preprocess)
         stem = args.image.name.removesuffix(".gz").removesuffix(".nii")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,19 @@ def find_input_error(exc: BaseException | None) -> ValueError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn a bad-input error anywhere below (MONAI wraps them) into one line and exit code 2."""
+    try:
+        yield
+    except Exception as exc:
+        found = find_input_error(exc)
+        if found is None:
+            raise
+        print(f"subseg: error: {found}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @dataclass

@@ -5,13 +5,12 @@ Tests call the same functions with configs composed by Hydra's compose API.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -34,19 +33,6 @@ from subseg import (
 )
 from subseg import labels as label_protocol
 from subseg.run_folder import InputContract, RunFolder, as_dict
-
-
-@contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """Turn a bad-input error anywhere below (MONAI wraps them) into one line and exit code 2."""
-    try:
-        yield
-    except Exception as exc:
-        found = io.find_input_error(exc)
-        if found is None:
-            raise
-        print(f"subseg: error: {found}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def summarize_cohort(dataset: Mapping) -> dict:

@@ -104,17 +104,17 @@ def test_bad_input_is_one_line_from_the_command_line(tmp_path):
 
 
 def test_cli_errors_unwraps_monai_errors(capsys):
-    with pytest.raises(SystemExit) as exit_info, tasks.cli_errors():
+    with pytest.raises(SystemExit) as exit_info, io.cli_errors():
         try:
             raise io.InputError("a.nii.gz: empty brain")
         except io.InputError as exc:
             raise RuntimeError("applying transform <LoadSubjectd>") from exc
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "subseg: error: a.nii.gz: empty brain\n"
-    with pytest.raises(SystemExit), tasks.cli_errors():
+    with pytest.raises(SystemExit), io.cli_errors():
         labels.raw_ids({"right_thalamus": 49})
     assert capsys.readouterr().err.startswith("subseg: error: label mapping must name exactly")
-    with pytest.raises(KeyError), tasks.cli_errors():
+    with pytest.raises(KeyError), io.cli_errors():
         raise KeyError("a bug, not bad input: keep the traceback")
 
 
