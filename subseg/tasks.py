@@ -22,6 +22,7 @@ from rich.progress import track
 from subseg import (
     atlas,
     bias,
+    cache,
     cohort,
     figures,
     inference,
@@ -978,6 +979,24 @@ def load_network(checkpoint: str | Path):
     return module.net.eval()
 
 
+def _check_batch(files: list[Path]) -> None:
+    """Refuse a batch before any scan is segmented: duplicate output names, unreadable scans.
+
+    Outputs are named by the scan's file name, so two ``T1.nii.gz`` from different folders
+    would overwrite each other; a bad scan found at the end of a long batch would waste it.
+    """
+    by_name: dict[str, Path] = {}
+    for path in files:
+        twin = by_name.setdefault(cache.stem(path), path)
+        if twin != path:
+            raise io.InputError(
+                f"{path}: has the same name as {twin}; their outputs would overwrite each other "
+                "(segment them into different out_dir=)"
+            )
+    for path in track(files, description="checking inputs"):
+        io.load_image(path)  # one line naming the file on a bad one
+
+
 def predict(cfg: DictConfig) -> list[dict]:
     """Segment new T1 scans and report their structure volumes.
 
@@ -992,11 +1011,12 @@ def predict(cfg: DictConfig) -> list[dict]:
     checkpoint, contract, _ = model_of(cfg)
     net = load_network(checkpoint)
     files = _input_images(cfg.input)
+    _check_batch(files)
     print(f"subseg: input: {contract.describe()}")
     prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
     rows = []
     for path in track(files, description="segmenting"):
-        subject = path.name.removesuffix(".gz").removesuffix(".nii")
+        subject = cache.stem(path)
         image = io.load_image(path)
         item = prepare({"image": str(path)})
         volume, prior = item["image"][0].numpy(), item["prior"]

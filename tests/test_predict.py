@@ -69,3 +69,20 @@ def test_folder_input_and_bad_inputs(tiny_cohorts, checkpoint, tmp_path):
         tasks.predict(_cfg(tmp_path, f"ckpt={broken}", f"input={folder}", "atlas=none"))
     with pytest.raises(io.InputError, match="no such file or folder"):
         tasks.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={tmp_path / 'x.nii'}"))
+
+
+def test_a_batch_is_checked_before_any_scan_is_segmented(tiny_cohorts, checkpoint, tmp_path):
+    scan = tiny_cohorts["source"] / "images" / "s000.nii.gz"
+    twin = tmp_path / "other" / "s000.nii.gz"
+    twin.parent.mkdir()
+    twin.write_bytes(scan.read_bytes())
+    with pytest.raises(io.InputError, match="same name as .* would overwrite each other"):
+        tasks.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{twin}]", "atlas=none"))
+    broken = tmp_path / "bad" / "zz.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a nifti")
+    with pytest.raises(io.InputError, match="zz.nii.gz: cannot be read as NIfTI"):
+        tasks.predict(
+            _cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{broken}]", "atlas=none")
+        )
+    assert not (tmp_path / "pred" / "s000_seg.nii.gz").exists()  # nothing segmented first
