@@ -3,14 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import io, protocol, tasks
+from subseg import cohort_preview, io, protocol
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
     """Summarise the cohorts, then run the protocol and write the report."""
     with io.cli_errors():
-        tasks.demo(cfg)
+        cohort_preview.write_cohort_preview(cfg)
         protocol.run(cfg)
 
 

@@ -4,14 +4,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from subseg import io, tasks
+from subseg import evaluation, io
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Evaluate a run's model on its cohort's test subjects (or another cohort's)."""
     with io.cli_errors():
-        tasks.evaluate(cfg, HydraConfig.get().runtime.output_dir)
+        evaluation.evaluate(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

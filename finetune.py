@@ -4,14 +4,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from subseg import io, tasks
+from subseg import finetuning, io
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
     """Fine-tune a source model on k target images and evaluate it on the rest."""
     with io.cli_errors():
-        tasks.finetune(cfg, HydraConfig.get().runtime.output_dir)
+        finetuning.finetune(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

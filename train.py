@@ -4,14 +4,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from subseg import io, tasks
+from subseg import io, training
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     """Train on the source cohort, then evaluate on its test split."""
     with io.cli_errors():
-        tasks.train(cfg, HydraConfig.get().runtime.output_dir)
+        training.train(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import lightning as L
 import numpy as np
 from common import record
 
-from subseg import atlas, bias, inference, io, overlay, run_folder, tasks, transforms
+from subseg import atlas, bias, inference, io, overlay, trained_model, transforms
+from subseg import contract as contracts
 from subseg.lit_module import SegmentationModule
 
 DEMO_SOURCE = Path("outputs/demo/runs/source/checkpoints/best.ckpt")
@@ -49,9 +50,9 @@ def main() -> None:
     scan = root / "images" / "s000.nii.gz"
     work = Path(tempfile.mkdtemp(prefix="subseg-bench-predict-"))
     checkpoint = _model(work)
-    preprocess = {**run_folder.default_preset("preprocess"), "cache_dir": str(work / "cache")}
-    atlas_cfg = {**run_folder.default_preset("atlas"), "cache_dir": str(work / "cache")}
-    net = tasks.load_network(checkpoint)
+    preprocess = {**contracts.default_preset("preprocess"), "cache_dir": str(work / "cache")}
+    atlas_cfg = {**contracts.default_preset("atlas"), "cache_dir": str(work / "cache")}
+    net = trained_model.load_network(checkpoint)
     source = atlas.load_source(atlas_cfg)
     bias.correct(np.ones((8, 8, 8), np.float32), np.eye(4), bias.N4(iterations=(1,)))  # load ITK
 

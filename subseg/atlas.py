@@ -1,8 +1,8 @@
 """Atlas priors: a probabilistic atlas registered to every subject, the ROI it defines, a cache.
 
-For every voxel the network takes 15 atlas probabilities (METHOD.md §7), and inference runs only
+The network takes 15 atlas probabilities per voxel (docs/method.md §7), and inference runs only
 inside an ROI: voxels within 15 (L1, in voxels) of the support of the 14 structure channels; the
-post-processing keeps components inside the support dilated by 5 (METHOD.md §6).
+post-processing keeps components inside the support dilated by 5 (docs/method.md §6).
 
 Registration (template → subject: affine, then SyN) uses ANTsPy at a reduced resolution (2 mm by
 default — the prior is smooth), and the structure channels are then resampled into the subject's
@@ -426,7 +426,7 @@ def _regions(support: np.ndarray, roi_distance: int, mask_distance: int) -> np.n
     """0 outside the ROI, 1 inside, 2 inside the mask, from one taxicab distance transform.
 
     The L1 distance in voxels equals that many iterations of 6-connected binary dilation
-    (METHOD.md §6), computed in one pass.
+    (docs/method.md §6), computed in one pass.
     """
     distance = ndimage.distance_transform_cdt(~support, metric="taxicab")
     return (distance <= roi_distance).astype(np.uint8) + (distance <= mask_distance)

@@ -195,7 +195,7 @@ def draw_target(
     """The target images of TL-k, draw j: nested (TL-k ⊂ TL-(k+1) for the same draw).
 
     One seeded permutation of the candidates per draw; TL-k takes its first ``k``. The test
-    set is the published list, or every subject not drawn for training (METHOD.md §5).
+    set is the published list, or every subject not drawn for training (docs/method.md §5).
     ``n_images="all"`` takes every candidate (full training on the target); ``fold=i`` makes
     the i-th subject (sorted ids) the only test subject and every other a candidate: fold i of a
     leave-one-out. (To leave out a subject by id, give ``test_ids=[id]``.)
@@ -242,16 +242,39 @@ def draw_target(
     return {"train": train, "val": [], "test": test}
 
 
+def default_splits(dataset: Mapping, subjects: Sequence[Subject]) -> dict[str, list[str]]:
+    """A cohort's own train/val/test split (its ``split`` block and ``test_ids``).
+
+    Raises:
+        io.InputError: the cohort is too small to leave a subject to train on and one to test.
+    """
+    split = dict(dataset.get("split") or {})
+    test_ids = dataset.get("test_ids")
+    splits = make_splits(
+        [s.id for s in subjects],
+        None if test_ids is None else list(test_ids),
+        split.get("test_fraction", 0.25),
+        split.get("val_fraction", 0.2),
+        split.get("seed", 0),
+    )
+    if not splits["train"] or not splits["test"]:
+        raise io.InputError(
+            f"{dataset.get('root')}: {len(subjects)} subject(s) leave {len(splits['train'])} to "
+            f"train on and {len(splits['test'])} to test: give at least 2 labelled subjects"
+        )
+    return splits
+
+
 def ensure_splits(
-    run_dir: str | Path,
+    path: str | Path,
     dataset: Mapping,
     subjects: Sequence[Subject] | None = None,
     splits: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[str]]:
-    """Read ``run_dir/splits.json``, or draw the cohort's splits and write them there once.
+    """Read a run's splits file, or draw the cohort's splits and write them there once.
 
     Args:
-        run_dir: the run folder.
+        path: the run's splits file (:attr:`subseg.run_folder.RunFolder.splits_file`).
         dataset: the cohort's dataset entry (its ``split`` block: ``seed``, ``test_fraction``,
             ``val_fraction``; and ``test_ids`` when published).
         subjects: the cohort's subjects, if already listed.
@@ -260,7 +283,7 @@ def ensure_splits(
     Returns:
         The splits, as in :func:`make_splits`.
     """
-    path = Path(run_dir) / "splits.json"
+    path = Path(path)
     subjects = subjects if subjects is not None else list_subjects(dataset)
     if path.is_file():
         stored = json.loads(path.read_text())
@@ -279,15 +302,8 @@ def ensure_splits(
             )
         return kept
     split = dict(dataset.get("split") or {})
-    test_ids = dataset.get("test_ids")
     if splits is None:
-        splits = make_splits(
-            [s.id for s in subjects],
-            None if test_ids is None else list(test_ids),
-            split.get("test_fraction", 0.25),
-            split.get("val_fraction", 0.2),
-            split.get("seed", 0),
-        )
+        splits = default_splits(dataset, subjects)
     splits = {k: sorted(map(str, splits[k])) for k in ("train", "val", "test")}
     record = {"dataset": dataset.get("name"), "seed": split.get("seed", 0), **splits}
     with io.atomic_path(path) as tmp:

@@ -1,6 +1,6 @@
 """Training samples: which voxels a network learns from, and batches of their patches.
 
-METHOD.md §4: every structure voxel (classes 1..14) of every training image, plus background
+docs/method.md §4: every structure voxel (classes 1..14) of every training image, plus background
 voxels from the shell within 5 voxels (L1) of the structures, subsampled to as many as there are
 structure voxels in that image (1:1); the pooled samples split 75/25 into training and validation
 at random, at voxel level (subjects mix) as in the paper, or at subject level as an option.
@@ -227,7 +227,7 @@ class AtlasPriord(MapTransform):
 def subject_samples(
     item: dict, rng: np.random.Generator, limit: int | None = None
 ) -> SubjectSamples:
-    """Sample a preprocessed subject (``image``, ``label``, ``prior``) as METHOD.md §4 says.
+    """Sample a preprocessed subject (``image``, ``label``, ``prior``) as docs/method.md §4 says.
 
     Args:
         item: from the preprocessing pipeline plus :class:`AtlasPriord`.

@@ -1,4 +1,4 @@
-"""Exact dense (fully convolutional) evaluation of the patch network (METHOD.md §3).
+"""Exact dense (fully convolutional) evaluation of the patch network (docs/method.md §3).
 
 A path's dense 540 → 180 layer is a 3×3 convolution on the stride-4 grid, so the whole path can
 run over entire slices. With the à trous conversion — pool1 2×2 at stride 1, conv3/conv4 with
@@ -8,7 +8,7 @@ there, borders included (slices padded 16 before and 15 after, as patches are). 
 folded into the convolutions on the fly from the model's own parameters and running statistics:
 no weight copy exists that could drift from the model. The head is a per-voxel network.
 
-Per voxel this costs ≈20× fewer multiply-adds than patches (METHOD.md §3) and never
+Per voxel this costs ≈20× fewer multiply-adds than patches (docs/method.md §3) and never
 materialises the N×3×32×32 patch tensors.
 """
 
@@ -138,7 +138,8 @@ def _per_voxel(model, volume, roi, evaluate, width: int) -> torch.Tensor:
             target = targets[index]
             (r0, c0), (r1, c1) = _extent(target >= 0)
             crop = planes[index + BEFORE, r0 : r1 + context, c0 : c1 + context]
-            # One slice at a time in channels-last layout was fastest on CPU (notes/STACK.md).
+            # Fastest on CPU: one slice at a time, channels-last
+            # (docs/engineering.md#dense-evaluation-on-cpu).
             features = evaluate(
                 path, crop[None, None].contiguous(memory_format=torch.channels_last)
             )

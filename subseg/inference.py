@@ -1,6 +1,6 @@
 """Segment a subject: ROI from the atlas prior → dense probabilities → argmax → post-processing.
 
-Post-processing (METHOD.md §6): for each class 1..14, keep the 6-connected component with the
+Post-processing (docs/method.md §6): for each class 1..14, keep the 6-connected component with the
 most voxels inside the post-processing mask (the atlas support dilated by 5); every other voxel
 of that class becomes background. MONAI's ``KeepLargestConnectedComponent`` keeps the *largest*
 component, not the one the atlas supports, hence the few lines below. A class the network does

@@ -9,6 +9,7 @@ file renamed into place so that an interrupted run never leaves a half-written N
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import numpy as np
 from nibabel import orientations
 
 from subseg import labels as label_protocol
+from subseg import sides
 
 
 class InputError(ValueError):
@@ -42,13 +44,50 @@ def find_input_error(exc: BaseException | None) -> ValueError | None:
     return None
 
 
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+"""Write failures that no input can cause: a full disk, a read-only or forbidden folder."""
+
+
+def find_output_error(exc: BaseException | None) -> OSError | None:
+    """The failure to write (:data:`OUTPUT_ERRNOS`) behind ``exc``, if any (libraries wrap it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that a file can be written there.
+
+    Raises:
+        InputError: the folder cannot be created or written to (one line naming it).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".subseg-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot write here ({exc.strerror})") from None
+    return folder
+
+
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn a bad-input error anywhere below (MONAI wraps them) into one line and exit code 2."""
+    """Turn a bad-input error anywhere below (MONAI wraps them) into one line and exit code 2.
+
+    A failure to write (a full disk, a read-only folder) is one line naming the file too.
+    """
     try:
         yield
     except Exception as exc:
         found = find_input_error(exc)
+        written = find_output_error(exc)
+        if found is None and written is not None:
+            found = f"{written.filename or 'output'}: cannot write ({written.strerror})"
         if found is None:
             raise
         print(f"subseg: error: {found}", file=sys.stderr)
@@ -112,6 +151,10 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         raise InputError(f"{path}: voxel type {data.dtype} is not a real scalar (RGB or complex?)")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(
+            f"{path}: a 4-D file with {data.shape[3]} volumes; give one 3-D volume (one T1)"
+        )
     if data.ndim != 3:
         raise InputError(
             f"{path}: expected a 3-D volume (or 4-D with one volume), got shape {data.shape}"
@@ -165,13 +208,22 @@ def load_label(
     path: str | os.PathLike,
     image: Volume | None = None,
     protocol: label_protocol.LabelSpec | None = None,
+    *,
+    warn: bool = True,
 ) -> Volume:
     """Load a raw label map in canonical orientation as int32.
+
+    With a ``protocol``, label sanity is also checked (:func:`subseg.sides.warn_label`): one
+    warning line each, once per file, to the ``subseg`` logger, for raw ids the protocol does not
+    explain (they become background), structures with no voxel, and left/right pairs whose right
+    structure does not lie right of its left twin in world coordinates (sides exchanged in the
+    mapping, or an array stored mirrored against its header).
 
     Args:
         path: a NIfTI label file.
         image: the subject's image; when given, the label must lie on exactly its grid.
         protocol: when given, the label map must contain at least one of its structure ids.
+        warn: log the sanity warnings above (only with ``protocol``).
 
     Returns:
         The canonical label volume with raw ids (see :func:`subseg.labels.map_to_classes`).
@@ -210,7 +262,12 @@ def load_label(
             raise InputError(
                 f"{path}: none of the 14 structure ids of {name} is present (found ids: {shown})"
             )
-    return _canonical(data, img, path)
+    volume = _canonical(data, img, path)
+    if protocol is not None and warn:
+        # The canonical data with the canonical affine: world x is the subject's right.
+        classes = label_protocol.map_to_classes(volume.data, protocol)
+        sides.warn_label(path, present, classes, volume.affine, protocol)
+    return volume
 
 
 @contextlib.contextmanager

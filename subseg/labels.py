@@ -1,6 +1,6 @@
 """The 14-structure output protocol and the raw label-id tables of the cohorts we read.
 
-Output class 0 is background; classes 1..14 follow METHOD.md §1 (right before left). A raw label
+Class 0 is background; classes 1..14 follow docs/method.md §1 (right before left). A raw label
 map from any protocol is mapped to classes through a lookup table in which every raw id not listed
 maps to background; MONAI's ``MapLabelValue`` passes unlisted ids through unchanged, which would
 leak cortex or ventricles into the class range, hence this module.
@@ -113,6 +113,62 @@ def class_lookup(spec: LabelSpec) -> dict[int, int]:
 def reference_tissue_ids(protocol: str) -> dict[str, int]:
     """Raw ids of tissues outside the 14 structures (ventricles, white matter) in a protocol."""
     return dict(_tables()["reference_tissues"].get(protocol, {}))
+
+
+def structure_name(cls: int) -> str:
+    """Return a class's structure as people write it (``"left putamen"``); 0 is background."""
+    return "background" if cls == 0 else STRUCTURES[cls - 1].replace("_", " ")
+
+
+# Every raw id a file of a built-in protocol may legitimately hold, as inclusive ranges. The
+# tables above list only the 14 structures and a few reference tissues, but real label maps hold
+# many more tissues (cortex, white matter, ventricles, cerebellum, CSF …) that rightly become
+# background; warning about them for every file would bury the warnings that matter. An id
+# outside these ranges, though, is not of the protocol at all (another numbering, a resampled
+# or probabilistic map) and is worth a warning.
+_DOCUMENTED_ID_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
+    # Neuromorphometrics numbering of the MICCAI 2012 challenge: non-cortical 4..76, cortex
+    # 100..207.
+    "miccai2012": ((1, 207),),
+    # FreeSurferColorLUT ids that recon-all's label volumes hold: aseg (≤ 255, corpus callosum
+    # 251..255), aparc+aseg cortex (1000s, 2000s), wmparc (3000s, 4000s, 5001, 5002) and
+    # aparc.a2009s+aseg (11100s, 12100s). IBSR 18 uses the same numbering.
+    "aseg": (
+        (1, 255),
+        (1000, 1035),
+        (2000, 2035),
+        (3000, 3035),
+        (4000, 4035),
+        (5001, 5002),
+        (11100, 11175),
+        (12100, 12175),
+    ),
+    # CerebrA: 51 regions per hemisphere, right 1..51, left 52..102.
+    "cerebra": ((1, 102),),
+}
+
+
+def unexpected_ids(present: Sequence[int] | np.ndarray, spec: LabelSpec) -> list[int]:
+    """Return the raw ids of a label file that a protocol does not explain (they become background).
+
+    Background (0) and the structures' ids are expected. For a built-in protocol so is every id of
+    its documented numbering (other tissues, see ``_DOCUMENTED_ID_RANGES``); for an explicit
+    mapping nothing else is known, so every other non-zero id is reported.
+
+    Args:
+        present: the distinct raw ids found in a label file.
+        spec: the cohort's protocol name or explicit mapping.
+
+    Returns:
+        The unexplained ids, sorted.
+    """
+    ids = np.unique(np.asarray(present, dtype=np.int64))
+    known = np.isin(ids, [0, *class_lookup(spec)])
+    if isinstance(spec, str):
+        for low, high in _DOCUMENTED_ID_RANGES.get(spec, ()):
+            known |= (ids >= low) & (ids <= high)
+        known |= np.isin(ids, list(reference_tissue_ids(spec).values()))
+    return [int(i) for i in ids[~known]]
 
 
 def map_to_classes(raw: np.ndarray, spec: LabelSpec) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Per-structure evaluation: Dice, 95th-percentile Hausdorff, ASSD, volumes; Avg and wDSC.
 
 Distances use MONAI's surface-distance metrics with the voxel spacing, so they are in mm.
-wDSC is METHOD.md §8's reconstruction of the paper's weighted Dice: per subject,
+wDSC is docs/method.md §8's reconstruction of the paper's weighted Dice: per subject,
 Σ DSC_l / V_l² ÷ Σ 1 / V_l² with V_l the reference volume, then averaged over subjects.
 """
 
@@ -84,7 +84,7 @@ def _structure_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ..
 
 
 def weighted_dice(dsc: np.ndarray, reference_volumes: np.ndarray) -> float:
-    """METHOD.md §8's wDSC of one subject: Σ DSC_l / V_l² ÷ Σ 1 / V_l²."""
+    """docs/method.md §8's wDSC of one subject: Σ DSC_l / V_l² ÷ Σ 1 / V_l²."""
     volumes = np.asarray(reference_volumes, dtype=np.float64)
     dsc = np.asarray(dsc, dtype=np.float64)
     present = (volumes > 0) & np.isfinite(dsc)  # a structure absent from the reference is skipped
@@ -95,7 +95,11 @@ def weighted_dice(dsc: np.ndarray, reference_volumes: np.ndarray) -> float:
 
 
 def summarize(rows: Sequence[dict]) -> dict:
-    """``summary.json``: Avg (mean of the 14 mean DSCs), wAvg, per-structure mean/std."""
+    """``summary.json``: Avg (mean of the 14 mean DSCs), wAvg, per-structure mean/std/n.
+
+    A structure missing from a subject's reference label has no Dice for that subject: its mean
+    is over the ``n`` subjects that have it (the report says so when ``n`` is short).
+    """
     subjects = sorted({r["subject"] for r in rows})
     per_structure = {}
     for name in STRUCTURES:
@@ -104,6 +108,7 @@ def summarize(rows: Sequence[dict]) -> dict:
         per_structure[name] = {
             "mean": float(finite.mean()) if finite.size else float("nan"),
             "std": float(finite.std()) if finite.size else float("nan"),
+            "n": int(finite.size),  # subjects whose reference has the structure
         }
     weighted = []
     for subject in subjects:

@@ -1,4 +1,4 @@
-"""The 2.5-D three-path patch network of Kushibar et al. (METHOD.md §2), as a plain ``nn.Module``.
+"""The 2.5-D three-path patch network of Kushibar et al. (docs/method.md §2), a plain ``nn.Module``.
 
 Three identical paths see 32×32 patches centred on a voxel in the axial, coronal and sagittal
 planes; their 180-d outputs are concatenated, pass a fully-connected layer, meet the voxel's 15

@@ -1,6 +1,6 @@
 """Patches for the patch network: built on the fly by vectorised indexing, never all at once.
 
-A volume is zero-padded once (16 voxels before and 15 after on every axis, METHOD.md §2) and
+A volume is zero-padded once (16 voxels before and 15 after on every axis, docs/method.md §2) and
 held in memory; the three 32×32 patches of any batch of voxels are gathered from it with one
 advanced-indexing operation per view. Planes in canonical (RAS) arrays:
 

@@ -8,8 +8,6 @@ Each step is the same function the entry points call, on a config composed by Hy
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,22 +15,16 @@ from pathlib import Path
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import io, report, tasks
-from subseg.run_folder import RunFolder
+from subseg import finetuning, report, training
+from subseg.run_folder import RunFolder, config_hash
 
 
-def _compose(name: str, overrides: list[str], run_dir: Path) -> DictConfig:
+def _compose(name: str, overrides: list[str], run: RunFolder) -> DictConfig:
     """Compose a task config and record it in the run folder, as Hydra's own runs do."""
     cfg = compose(name, overrides=overrides)
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    run.config_file.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run.config_file, resolve=True)
     return cfg
-
-
-def _finished(run_dir: Path) -> bool:
-    run = RunFolder(run_dir)
-    # A run without its input contract was made by an older subseg (before N4): train again.
-    return all(p.is_file() for p in (run.path / "summary.json", run.checkpoint, run.contract_file))
 
 
 def findings(methods: Mapping[str, Mapping]) -> list[dict]:
@@ -89,11 +81,12 @@ def finding_note(finding: Mapping) -> str:
 def run(cfg: DictConfig) -> dict:
     """Run the protocol of a ``conf/demo*.yaml`` config and write the report.
 
-    Writes to ``cfg.output_dir``: ``runs/source`` (unless ``cfg.source_run`` names a finished
+    Writes to ``cfg.output_dir``: ``runs/source`` (unless ``cfg.source_run`` names a complete
     run), ``runs/<method>`` for every method (``runs/<method>_d<j>`` for its further draws in
     ``cfg.draws``), ``report.md``, ``report.csv``, ``summary.json``, ``learning_curve.png`` and
     ``structures_vs_k.png``. The report says which runs, if any, their wall-clock safety net
-    stopped (their numbers would depend on the machine's speed).
+    stopped (their numbers would depend on the machine's speed). A run already complete with
+    the same config and source is reused, so a killed demo run again continues where it stopped.
 
     Returns:
         The report's summary (with ``findings``).
@@ -103,16 +96,19 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     timings = {}
 
-    source_dir = Path(cfg.source_run) if cfg.source_run else out_dir / "runs" / "source"
-    if _finished(source_dir):
-        print(f"subseg demo: reusing the source run {source_dir}")
-    elif cfg.source_run:
-        raise io.InputError(f"{source_dir}: not a finished training run")
+    source = RunFolder(cfg.source_run if cfg.source_run else out_dir / "runs" / "source")
+    if cfg.source_run:
+        source.require_complete()
+        print(f"subseg demo: using the source run {source.path}")
     else:
-        print("subseg demo: [source] training on the source cohort")
         overrides = [*common, f"dataset={cfg.source.name}", *cfg.train_overrides]
-        tasks.train(_compose("train", overrides, source_dir), source_dir)
-        timings["source"] = time.perf_counter() - started
+        train_cfg = _compose("train", overrides, source)
+        if source.is_complete(config_hash(train_cfg)):
+            print(f"subseg demo: reusing the source run {source.path} (complete, same config)")
+        else:
+            print("subseg demo: [source] training on the source cohort")
+            training.train(train_cfg, source.path)
+            timings["source"] = time.perf_counter() - started
 
     jobs = [
         (method, draw)
@@ -124,35 +120,35 @@ def run(cfg: DictConfig) -> dict:
         name = method if draw == 0 else f"{method}_d{draw}"
         print(f"subseg demo: [{index}/{len(jobs)}] {name}")
         tick = time.perf_counter()
-        run_dir = out_dir / "runs" / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # a demo-owned folder: start it afresh
+        run = RunFolder(out_dir / "runs" / name)
         overrides = [
             *common,
             f"dataset={cfg.target.name}",
-            f"source_run={source_dir}",
+            f"source_run={source.path}",
             *cfg.target_overrides,
             *cfg.finetune_overrides,
             *cfg.methods[method],
             f"target.draw={draw}",
         ]
-        summary = tasks.finetune(_compose("finetune", overrides, run_dir), run_dir)
+        summary = finetuning.finetune(_compose("finetune", overrides, run), run.path)
         if summary.get("method") != method:
             raise ValueError(
                 f"demo method {method} ran as {summary.get('method')}: fix its overrides"
             )
         if summary.get("fit", {}).get("stopped_by") == "max_time":
             capped.append((name, summary["fit"]))
-        folders.append(run_dir)
+        folders.append(run.path)
         timings[name] = time.perf_counter() - tick
 
-    source_fit = json.loads((source_dir / "summary.json").read_text()).get("fit", {})
+    source_summary = source.summary()
+    source_fit = source_summary.get("fit", {})
     if source_fit.get("stopped_by") == "max_time":
         capped.insert(0, ("source", source_fit))
     runs = report.find_runs(folders)
     summary = report.summarize_methods(runs, "no_tl")
     checked = findings(summary["methods"])
     notes = [finding_note(f) for f in checked]
-    source_avg = json.loads((source_dir / "summary.json").read_text())["avg"]
+    source_avg = source_summary["avg"]
     if "no_tl" in summary["methods"]:
         notes.append(
             f"The source model scores {source_avg:.3f} on its own scanner's test scans and "
@@ -171,8 +167,7 @@ def run(cfg: DictConfig) -> dict:
     summary["capped"] = [name for name, _ in capped]
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
-    with io.atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    report.write_summary(summary, out_dir)
     for note in notes[: len(checked)]:
         print(f"subseg demo: {note}")
     print(f"subseg demo: report in {out_dir / 'report.md'} ({summary['seconds']['total']:.0f} s)")

@@ -1,9 +1,9 @@
 """Gather the run folders of a transfer-learning protocol into the paper's tables and figures.
 
-Every fine-tuning run folder describes itself (``summary.json`` with its method key,
-``metrics.csv``, ``.hydra/config.yaml`` with its draw, ``source_test/`` when evaluated back on the
-source cohort). This module reads a set of them, whatever launched them (a Hydra multirun, the
-demo, a SLURM sweep), and writes:
+Every complete fine-tuning run folder (one with ``complete.json``) describes itself
+(``summary.json`` with its method key, ``metrics.csv``, ``.hydra/config.yaml`` with its draw,
+``source_test/`` when evaluated back on the source cohort). This module reads a set of them,
+whatever launched them (a Hydra multirun, the demo, a SLURM sweep), and writes:
 
 - ``report.md`` and ``report.csv``: structures × methods, mean ± std Dice, Avg, wAvg, and the
   paired Wilcoxon p-value of each method against a baseline (Holm-corrected across the table);
@@ -22,12 +22,12 @@ import argparse
 import csv
 import json
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from matplotlib.figure import Figure
 
 from subseg import environment, io, metrics, stats
@@ -72,46 +72,62 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Every fine-tuning run folder at or below ``paths`` (folders with a method summary)."""
-    runs = []
+    """Every complete fine-tuning run folder at or below ``paths``.
+
+    A run folder without its completion marker (killed, failed or still running) is skipped
+    with a note on stderr: its files cannot be trusted.
+    """
+    runs, skipped = [], []
     for root in map(Path, paths):
-        for summary_path in sorted(root.rglob("summary.json")):
-            folder = summary_path.parent
-            summary = json.loads(summary_path.read_text())
-            if "method" not in summary or folder.name == "source_test":
+        found = {p.parent for p in root.rglob(RunFolder.MARKER)}
+        found |= {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name == ".hydra"}
+        for folder in sorted(found):
+            run = RunFolder(folder)
+            if folder == RunFolder(folder.parent).source_test.path:  # part of its parent run
                 continue
-            config_path = folder / ".hydra" / "config.yaml"
-            config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+            if not run.is_complete():
+                skipped.append(folder)
+                continue
+            summary = run.read_json(run.summary_file)
+            if "method" not in summary:  # a training or evaluation run
+                continue
+            config = run.config() if run.config_file.is_file() else {}
             target = config.get("target") or {}
-            source_metrics = folder / "source_test" / "metrics.csv"
+            source_metrics = run.source_test.metrics_file
             if summary["method"] == "no_tl" and not source_metrics.is_file():
-                source_metrics = _source_model_metrics(folder)  # No TL is the source model
+                source_metrics = _source_model_metrics(run)  # No TL is the source model
             runs.append(
                 Run(
                     folder=folder,
                     method=summary["method"],
                     n_images=int(summary.get("n_images", target.get("n_images", 0))),
                     draw=int(target.get("draw", 0)),
-                    rows=_read_rows(folder / "metrics.csv"),
+                    rows=_read_rows(run.metrics_file),
                     source_rows=_read_rows(source_metrics) if source_metrics.is_file() else [],
-                    environment=RunFolder(folder).environment(),
+                    environment=run.environment(),
                 )
             )
+    for folder in skipped:
+        print(
+            f"subseg: skipped {folder}: not a complete run (no {RunFolder.MARKER}: killed, "
+            "failed or still running)",
+            file=sys.stderr,
+        )
     if not runs:
         raise io.InputError(
-            f"{', '.join(map(str, paths))}: no run folders with summary.json and metrics.csv"
+            f"{', '.join(map(str, paths))}: no complete fine-tuning run folders "
+            f"(with {RunFolder.MARKER})"
         )
     return runs
 
 
-def _source_model_metrics(folder: Path) -> Path:
-    """The test metrics of the source run a fine-tuning run started from (its own test split)."""
-    transfer = folder / "transfer.json"
-    init = json.loads(transfer.read_text()).get("init", "") if transfer.is_file() else ""
-    for run in (Path(init), Path(init).parent.parent):  # a run folder or <run>/checkpoints/x.ckpt
-        if (run / "splits.json").is_file() and (run / "metrics.csv").is_file():
-            return run / "metrics.csv"
-    return folder / "source_test" / "metrics.csv"  # absent: no retention row
+def _source_model_metrics(run: RunFolder) -> Path:
+    """The test metrics of the complete source run a fine-tuning run started from."""
+    init = run.read_json(run.transfer_file).get("init", "")
+    source = RunFolder.of(init) if init and init != "scratch" else None
+    if source is not None and source.is_complete():
+        return source.metrics_file
+    return run.source_test.metrics_file  # absent: no retention row
 
 
 def family_of(method: str) -> tuple[str, int]:
@@ -203,15 +219,25 @@ def summarize_methods(runs: Sequence[Run], baseline: str = "no_tl") -> dict:
     return {"baseline": baseline, "methods": out}
 
 
-def _cell(stat: dict) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+def _cell(stat: dict, n_subjects: int) -> str:
+    """``mean ± std``, with ``(n of N)`` when some references lack the structure."""
+    text = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    n = stat.get("n", n_subjects)
+    return text if n == n_subjects else f"{text} ({n} of {n_subjects})"
 
 
 def table_rows(summary: dict) -> list[dict]:
-    """The paper's layout: one row per structure, then Avg, wAvg and p; a column per method."""
+    """The paper's layout: one row per structure, then Avg, wAvg and p; a column per method.
+
+    A structure cell says how many subject×draw it averages when that is fewer than the
+    method's (a reference label without the structure).
+    """
     methods = summary["methods"]
     rows = [
-        {"structure": name, **{m: _cell(s["per_structure"][name]) for m, s in methods.items()}}
+        {
+            "structure": name,
+            **{m: _cell(s["per_structure"][name], s["n_subjects"]) for m, s in methods.items()},
+        }
         for name in STRUCTURES
     ]
     rows.append({"structure": "Avg", **{m: f"{s['avg']:.3f}" for m, s in methods.items()}})
@@ -259,9 +285,11 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
     lines += [
         "Dice per structure (mean ± std over test subjects × draws); Avg = mean of the 14 "
         "structures (over all draws of a method; its range over the draws below it); "
-        "wAvg = METHOD.md §8's volume-weighted Dice; p = paired two-sided Wilcoxon "
+        "wAvg = docs/method.md §8's volume-weighted Dice; p = paired two-sided Wilcoxon "
         f"signed-rank test against {summary['baseline']} on subject × structure Dice (a "
-        "method's draws averaged per subject first), Holm-corrected across the table.",
+        "method's draws averaged per subject first), Holm-corrected across the table. "
+        "A cell ending (n of N) averages only the n subject×draw whose reference label has "
+        "the structure.",
         "",
         "| structure | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
@@ -376,8 +404,7 @@ def write_report(
     Returns:
         The summary written to ``summary.json``.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = io.ensure_writable(out_dir)
     summary = summarize_methods(runs, baseline)
     summary["runs"] = {str(r.folder): r.method for r in runs}
     summary["software"] = software(runs)
@@ -386,13 +413,20 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=["structure", *summary["methods"]])
         writer.writeheader()
         writer.writerows(rows)
-    with io.atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_summary(summary, out_dir)
     with io.atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(markdown(summary, title, notes))
     learning_curve(summary, out_dir / "learning_curve.png")
     structures_vs_k(summary, out_dir / "structures_vs_k.png")
     return summary
+
+
+def write_summary(summary: dict, out_dir: str | Path) -> Path:
+    """Write a report's ``summary.json`` atomically."""
+    path = Path(out_dir) / "summary.json"
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,10 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where the report goes")
     parser.add_argument("--baseline", default="no_tl", help="method the p-values compare against")
     args = parser.parse_args(argv)
-    try:
+    with io.cli_errors():
         summary = write_report(find_runs(args.folders), args.out, args.baseline)
-    except io.InputError as exc:
-        raise SystemExit(f"subseg: error: {exc}") from None
     for method, s in summary["methods"].items():
         print(f"{method:>14}: Avg {s['avg']:.3f}  wAvg {s['wavg']:.3f}  ({s['n_runs']} run(s))")
     print(f"subseg: report written to {Path(args.out) / 'report.md'}")

@@ -1,195 +1,98 @@
-"""A run folder and the input contract of the model it holds.
+"""A run folder: every file a training, fine-tuning or evaluation run writes, in one object.
 
-A network is only right on input prepared the way it was trained: the same bias-field correction,
-the same intensity standardisation (and Nyúl landmarks), the same atlas. Every training and
-fine-tuning run records that once, in ``preprocessing.json``, and every use of the model
-(fine-tuning from it, evaluating it, predicting with it) builds its input from that record
-through :meth:`InputContract.pipeline` — never from loose command-line options. An option that
-contradicts the record is a one-line error.
+The layout (no other module spells these paths)::
 
-:class:`RunFolder` is the one place that spells the paths of the files that describe a model
-(its config, checkpoint, splits, atlas and contract).
+    <run>/.hydra/config.yaml      the composed config (Hydra writes it)
+    <run>/environment.json        software and machine (:mod:`subseg.environment`)
+    <run>/splits.json             subjects used for training, validation and test
+    <run>/preprocessing.json      the input contract (:mod:`subseg.contract`)
+    <run>/atlas/                  a ``source_labels`` atlas (built in, or copied from the source)
+    <run>/qc/                     prior and segmentation overlays
+    <run>/checkpoints/            best.ckpt (the model) and last.ckpt (for resume=true)
+    <run>/logs/metrics.csv        every number Lightning logged
+    <run>/learning_curve.png
+    <run>/transfer.json           what fine-tuning copied, reset and froze
+    <run>/metrics.csv             per test subject × structure: Dice, HD95, ASSD, volumes
+    <run>/summary.json            Avg, wAvg, per-structure Dice, how the fit ended
+    <run>/source_test/            the same two files on the source cohort's test subjects
+    <run>/segmentations/          test segmentations (evaluate.py segmentations=true)
+    <run>/complete.json           written last: the run finished (with its config hash)
+
+A run is complete only when ``complete.json`` exists, and it is written after every other file:
+a killed run, or one still running, has none, and every reader (a source run for fine-tuning,
+the demo's reuse, the report, evaluate, predict) refuses it with a one-line error. Starting a run
+deletes the marker first and then the previous results, so nothing stale survives beside new
+files.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import os
 import shutil
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from subseg import atlas, bias, environment, io, transforms
+from subseg import environment, io
+from subseg.contract import LOCAL_KEYS, InputContract, as_dict
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-"""The Hydra config tree (default presets are read from it)."""
-
-DEFAULTS = {"preprocess": "n4", "atlas": "harvard_oxford"}
-"""Preset used where neither a run folder nor the command line says (a bare checkpoint)."""
+UNHASHED_KEYS = ("resume", "num_workers", "logger", "paths")
+"""Config keys that change where or how a run is made, never its result: outside the hash."""
 
 
-def as_dict(config) -> dict | None:
-    """A plain dict of a (DictConfig or mapping) config entry; ``None`` stays ``None``."""
-    if config is None:
-        return None
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return dict(config)
+def config_hash(cfg, inputs: Mapping | None = None) -> str:
+    """A hash of what determines a run's result: its resolved config and its input models.
 
-
-def default_preset(group: str) -> dict:
-    """The default ``conf/<group>`` preset (:data:`DEFAULTS`) as a dict."""
-    return as_dict(OmegaConf.load(CONF_DIR / group / f"{DEFAULTS[group]}.yaml"))
-
-
-@dataclass
-class InputContract:
-    """How a model's input is prepared: everything between the scan file and the network.
-
-    Attributes:
-        preprocess: the ``conf/preprocess`` entry (bias-field correction).
-        atlas: the ``conf/atlas`` entry; for ``source_labels`` its ``path`` is the saved atlas.
-        intensity: ``zscore`` or ``nyul``.
-        landmarks: the Nyúl standard scale (``intensity=nyul`` only).
-    """
-
-    preprocess: dict
-    atlas: dict
-    intensity: str = "zscore"
-    landmarks: list[float] | None = field(default=None)
-
-    def pipeline(self, protocol=None, source: atlas.AtlasSource | None = None) -> object:
-        """The exact MONAI pipeline this model's input goes through, atlas prior included.
-
-        Args:
-            protocol: the cohort's label protocol (``None`` for unlabelled scans).
-            source: the loaded atlas (default: loaded from :attr:`atlas`).
-
-        Returns:
-            A :class:`subseg.transforms.Pipeline` taking ``{"image": path, "label": …}`` and
-            giving the standardised ``image``, the mapped ``label`` and the ``prior``.
-        """
-        from subseg import data
-
-        source = self.load_atlas() if source is None else source
-        return transforms.Pipeline(
-            [
-                *self.intensities(protocol).transforms,
-                data.AtlasPriord(self.atlas, source, self.preprocess),
-            ]
-        )
-
-    def intensities(self, protocol=None, landmarks: bool = True) -> transforms.Pipeline:
-        """The intensity half of :meth:`pipeline` (no prior): load → N4 → z-score → Nyúl."""
-        return transforms.preprocessing(
-            protocol, self.landmarks if landmarks else None, preprocess=self.preprocess
-        )
-
-    def load_atlas(self) -> atlas.AtlasSource | None:
-        """The atlas source (``None`` for ``atlas=none``)."""
-        return atlas.load_source(self.atlas)
-
-    def record(self) -> dict:
-        """The JSON form written to ``preprocessing.json``.
-
-        What the model's input is, without the settings of the machine that trained it (cache
-        folders, threads).
-        """
-        return {
-            "preprocess": _without_local(self.preprocess),
-            "atlas": _without_local(self.atlas),
-            "intensity": self.intensity,
-            "landmarks": self.landmarks,
-        }
-
-    def describe(self) -> str:
-        """One line for logs: ``preprocess=n4 atlas=harvard_oxford intensity=zscore``."""
-        return (
-            f"preprocess={self.preprocess.get('name')} atlas={self.atlas.get('name')} "
-            f"intensity={self.intensity}"
-        )
-
-
-LOCAL_KEYS = ("cache_dir", "threads")
-"""Settings that change where or how fast, never what: never recorded, taken from the options."""
-
-
-def _without_local(preset: Mapping) -> dict:
-    out = {k: v for k, v in preset.items() if k not in LOCAL_KEYS}
-    if isinstance(out.get("registration"), Mapping):
-        out["registration"] = {k: v for k, v in out["registration"].items() if k != "threads"}
-    return out
-
-
-def _meaning(preset: Mapping, group: str):
-    """What of a preset changes the model's input (local settings left out)."""
-    if group == "preprocess":
-        settings = bias.N4.from_config(preset)
-        return None if settings is None else settings.record()
-    registration = {k: v for k, v in (preset.get("registration") or {}).items() if k != "threads"}
-    keys = ("kind", "roi_distance", "mask_distance", "smoothing_mm", "template", "probabilities")
-    return {**{k: preset.get(k) for k in keys}, "registration": registration}
-
-
-def check_options(contract: InputContract, cfg, where: Path | str) -> InputContract:
-    """Refuse ``preprocess=`` / ``atlas=`` options that contradict a model's recorded contract.
-
-    Options left unset (``null``) take the model's; an option equal to the model's is fine.
-    Local settings (``cache_dir``, ``threads``) given on the command line are applied.
+    Args:
+        cfg: the composed config (DictConfig or mapping).
+        inputs: digests of files the run depends on beyond its config (a source checkpoint).
 
     Returns:
-        ``contract``, with the local settings applied.
-
-    Raises:
-        io.InputError: an option differs from what the model was trained with.
+        16 hex digits.
     """
-    for group in ("preprocess", "atlas"):
-        recorded = getattr(contract, group)
-        given = as_dict(cfg.get(group)) if cfg is not None else None
-        if not given:
-            continue
-        if "kind" in given and _meaning(given, group) != _meaning(recorded, group):
-            raise io.InputError(
-                f"{where}: the model was trained with {group}={recorded.get('name')}; "
-                f"{group}={given.get('name')} would feed it other input (drop the option: "
-                f"the run's own is used)"
-            )
-        local = {k: given[k] for k in LOCAL_KEYS if given.get(k) is not None}
-        threads = (given.get("registration") or {}).get("threads")
-        if threads is not None and "registration" in recorded:
-            local["registration"] = {**recorded["registration"], "threads": threads}
-        setattr(contract, group, {**recorded, **local})
-    return contract
+    resolved = as_dict(cfg) or {}
+
+    def strip(node):
+        if isinstance(node, Mapping):
+            return {k: strip(v) for k, v in node.items() if k not in LOCAL_KEYS and k != "threads"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    kept = strip({k: v for k, v in resolved.items() if k not in UNHASHED_KEYS})
+    text = json.dumps({"config": kept, "inputs": dict(inputs or {})}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def contract_from_options(cfg, why: str) -> InputContract:
-    """A contract from command-line options alone (a bare checkpoint or a scratch run).
+def _first_process() -> bool:
+    """False in the processes Lightning's DDP relaunches (they set a non-zero rank)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK"))
 
-    Unset groups take :data:`DEFAULTS` (with local settings such as ``cache_dir`` kept), with a
-    note on stderr saying so.
-    """
-    chosen = {}
-    for group in ("preprocess", "atlas"):
-        given = as_dict(cfg.get(group)) or {}
-        if "kind" not in given:  # unset, or only local settings (+atlas.cache_dir=…)
-            given = {**default_preset(group), **given}
-            if why:
-                print(f"subseg: {why}: using {group}={given['name']}", file=sys.stderr)
-        chosen[group] = given
-    return InputContract(chosen["preprocess"], chosen["atlas"])
+
+def write_metrics(rows: Iterable[Mapping], columns: list[str], path: Path) -> None:
+    """Write rows as a CSV file atomically (a temporary file renamed)."""
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class RunFolder:
-    """A training or fine-tuning run folder: the files that describe its model.
+    """A training, fine-tuning or evaluation run folder (see the module docstring's layout).
 
     Args:
         path: the folder.
     """
 
     CONTRACT = "preprocessing.json"
+    MARKER = "complete.json"
+    RESULTS = ("metrics.csv", "summary.json")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -223,6 +126,61 @@ class RunFolder:
         return self.path / "atlas"
 
     @property
+    def last_checkpoint(self) -> Path:
+        """The end of the latest epoch: what ``resume=true`` continues from."""
+        return self.checkpoints_dir / "last.ckpt"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Lightning's loggers write here (``logs/metrics.csv``)."""
+        return self.path / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        """Every number Lightning logged, per step and epoch."""
+        return self.logs_dir / "metrics.csv"
+
+    @property
+    def learning_curve_file(self) -> Path:
+        """The learning curve drawn from :attr:`log_file`."""
+        return self.path / "learning_curve.png"
+
+    @property
+    def qc_dir(self) -> Path:
+        """Prior and segmentation overlays."""
+        return self.path / "qc"
+
+    @property
+    def segmentations_dir(self) -> Path:
+        """Test segmentations (``<id>_seg.nii.gz``)."""
+        return self.path / "segmentations"
+
+    @property
+    def metrics_file(self) -> Path:
+        """Per test subject and structure: Dice, distances, volumes."""
+        return self.path / "metrics.csv"
+
+    @property
+    def summary_file(self) -> Path:
+        """Avg, wAvg and per-structure Dice of the test subjects, and how the fit ended."""
+        return self.path / "summary.json"
+
+    @property
+    def transfer_file(self) -> Path:
+        """What fine-tuning copied, reset and froze."""
+        return self.path / "transfer.json"
+
+    @property
+    def source_test(self) -> RunFolder:
+        """A fine-tuned model's results back on the source cohort's test subjects."""
+        return RunFolder(self.path / "source_test")
+
+    @property
+    def marker_file(self) -> Path:
+        """Written last: the run is complete."""
+        return self.path / self.MARKER
+
+    @property
     def environment_file(self) -> Path:
         """The software and machine that made the run (:mod:`subseg.environment`)."""
         return self.path / "environment.json"
@@ -251,7 +209,7 @@ class RunFolder:
         """The run folder of ``path``: the folder itself or the run a checkpoint lies in."""
         path = Path(path)
         for folder in (path, path.parent.parent):  # <run>/checkpoints/<file>.ckpt
-            if (folder / ".hydra" / "config.yaml").is_file():
+            if cls(folder).config_file.is_file():
                 return cls(folder)
         return None
 
@@ -272,7 +230,7 @@ class RunFolder:
             io.InputError: the folder has no ``splits.json``.
         """
         if not self.splits_file.is_file():
-            raise io.InputError(f"{self.path}: no splits.json (not a finished subseg run)")
+            raise io.InputError(f"{self.path}: no splits.json (not a subseg run folder)")
         return json.loads(self.splits_file.read_text())[name]
 
     def contract(self) -> InputContract:
@@ -285,7 +243,7 @@ class RunFolder:
         if not self.contract_file.is_file():
             raise io.InputError(
                 f"{self.path}: no {self.CONTRACT}: this run does not record how its input was "
-                "prepared (made by an older subseg, or unfinished): train it again"
+                "prepared (made by an older subseg): train it again"
             )
         record = json.loads(self.contract_file.read_text())
         contract = InputContract(
@@ -314,3 +272,146 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(self.contract_file) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
+
+    # --- results ------------------------------------------------------------------------------
+
+    def publish_results(self, rows: list[dict], columns: list[str], summary: Mapping) -> None:
+        """Write ``metrics.csv`` and ``summary.json`` together.
+
+        Both are written to temporary files first and renamed one after the other, so a reader
+        never sees the new table beside an old summary (the completion marker, written after,
+        is what makes them count).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (
+            io.atomic_path(self.metrics_file) as metrics_tmp,
+            io.atomic_path(self.summary_file) as summary_tmp,
+        ):
+            write_metrics(rows, columns, metrics_tmp)
+            summary_tmp.write_text(json.dumps(dict(summary), indent=2))
+
+    def summary(self) -> dict:
+        """The test summary of a complete run.
+
+        Raises:
+            io.InputError: the run is not complete.
+        """
+        self.require_complete()
+        return json.loads(self.summary_file.read_text())
+
+    def metrics(self) -> list[dict]:
+        """The rows of ``metrics.csv`` of a complete run (or of its ``source_test``)."""
+        with open(self.metrics_file, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write_json(self, path: Path, record: Mapping) -> None:
+        """Write one of this folder's JSON files atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(dict(record), indent=2))
+
+    def read_json(self, path: Path) -> dict:
+        """Read one of this folder's JSON files (``{}`` when absent)."""
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    # --- completion ---------------------------------------------------------------------------
+
+    def completion(self) -> dict | None:
+        """The completion record (``config_hash``, ``task``, ``finished``), or ``None``."""
+        if not self.marker_file.is_file():
+            return None
+        try:
+            return json.loads(self.marker_file.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_complete(self, expected_hash: str | None = None) -> bool:
+        """Whether the run finished (with this config hash, when one is given)."""
+        record = self.completion()
+        if record is None:
+            return False
+        return expected_hash is None or record.get("config_hash") == expected_hash
+
+    def require_complete(self) -> RunFolder:
+        """Return ``self`` if the run finished.
+
+        Raises:
+            io.InputError: no completion marker (a run killed, failed or still running).
+        """
+        if self.completion() is None:
+            what = "results" if self.summary_file.exists() else "files"
+            raise io.InputError(
+                f"{self.path}: not a complete run (no {self.MARKER}: it was killed, failed or is "
+                f"still running, so its {what} cannot be trusted); run it again, or continue it "
+                "with resume=true"
+            )
+        return self
+
+    def begin(self, cfg, inputs: Mapping | None = None) -> str | None:
+        """Start a run here unless it is already complete with the same config.
+
+        A re-run sweep thus skips its finished points; ``cfg.resume`` keeps what continuing a
+        killed run needs.
+
+        Args:
+            cfg: the run's composed config.
+            inputs: digests of the files it depends on (see :func:`config_hash`).
+
+        Returns:
+            The config hash to :meth:`finish` with, or ``None``: complete already, nothing to do.
+        """
+        digest = config_hash(cfg, inputs)
+        io.ensure_writable(self.path)  # one line now, not a traceback from deep in a writer
+        if not _first_process():  # DDP's relaunched ranks: rank 0 owns the folder
+            return digest
+        if self.is_complete(digest):
+            print(
+                f"subseg: {self.path}: already complete with this configuration; skipped "
+                "(delete the folder to run it again)",
+                file=sys.stderr,
+            )
+            return None
+        self.start(resume=bool(cfg.get("resume")))
+        return digest
+
+    def start(self, resume: bool = False) -> None:
+        """Begin a run here: the marker goes first, then every earlier result.
+
+        Args:
+            resume: keep what a continued run needs (checkpoints, logs, splits, the atlas and
+                the contract); the results are recomputed either way.
+        """
+        self.marker_file.unlink(missing_ok=True)
+        results = [
+            self.summary_file,
+            self.metrics_file,
+            self.transfer_file,
+            self.learning_curve_file,
+            self.environment_file,
+            self.source_test.path,
+            self.segmentations_dir,
+            self.qc_dir,
+        ]
+        if not resume:
+            results += [
+                self.checkpoints_dir,
+                self.logs_dir,
+                self.splits_file,
+                self.contract_file,
+                self.atlas_dir,
+            ]
+        for path in results:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def finish(self, task: str, config_hash_: str) -> None:
+        """Write the completion marker: the last file of every run."""
+        record = {
+            "task": task,
+            "config_hash": config_hash_,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.write_json(self.marker_file, record)

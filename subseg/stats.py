@@ -1,7 +1,7 @@
 """Statistics of the paper's comparisons: paired Wilcoxon signed-rank tests with Holm correction.
 
-METHOD.md §8: two methods are compared by a paired two-sided Wilcoxon signed-rank test on their
-subject × structure Dice pairs (scipy); across a table of comparisons the p-values are
+docs/method.md §8: two methods are compared by a paired two-sided Wilcoxon signed-rank test on
+their subject × structure Dice pairs (scipy); across a table of comparisons the p-values are
 Holm-corrected. No Lightning or Hydra here: usable from a notebook.
 """
 

@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from subseg import cohort, io
+from subseg.run_folder import RunFolder
 
 
 def _folder_cohort(root, ids, with_labels=True):
@@ -104,10 +105,10 @@ def test_splits_are_seeded_disjoint_and_complete():
 
 def test_splits_are_written_once(tmp_path):
     root = _folder_cohort(tmp_path / "cohort", [f"s{i}" for i in range(6)])
-    run = tmp_path / "run"
-    run.mkdir()
+    run = RunFolder(tmp_path / "run").splits_file
+    run.parent.mkdir()
     first = cohort.ensure_splits(run, _dataset("folder", f"dataset.root={root}"))
-    written = json.loads((run / "splits.json").read_text())
+    written = json.loads(run.read_text())
     assert {k: written[k] for k in ("train", "val", "test")} == first
     again = cohort.ensure_splits(
         run, _dataset("folder", f"dataset.root={root}", "dataset.split.seed=7")
@@ -157,14 +158,15 @@ def test_subjects_csv_written_by_excel(tmp_path):
 def test_a_run_folder_keeps_its_own_cohort(tmp_path):
     first = _folder_cohort(tmp_path / "first", ["a01", "a02", "a03"])
     second = _folder_cohort(tmp_path / "second", ["b01", "b02", "b03"])
-    run = tmp_path / "run"
-    run.mkdir()
+    run = RunFolder(tmp_path / "run").splits_file
+    run.parent.mkdir()
     cohort.ensure_splits(run, _dataset("folder", f"dataset.root={first}"))
     with pytest.raises(io.InputError, match="belongs to another cohort"):
         cohort.ensure_splits(run, _dataset("folder", f"dataset.root={second}"))
     with pytest.raises(io.InputError, match="test_ids not in the cohort"):
         cohort.ensure_splits(
-            tmp_path, _dataset("folder", f"dataset.root={first}", "dataset.test_ids=[zz]")
+            tmp_path / "splits.json",
+            _dataset("folder", f"dataset.root={first}", "dataset.test_ids=[zz]"),
         )
 
 

@@ -10,7 +10,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from subseg import io, tasks
+from subseg import finetuning, io, trained_model
 
 SOURCE = [
     "dataset=synth_tiny_source",
@@ -58,7 +58,7 @@ def _finetune(root, paths, source, run_name, *overrides):
     run = root / "out" / "finetune" / run_name
     (run / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra's own run folders
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    return tasks.finetune(cfg, run), run
+    return finetuning.finetune(cfg, run), run
 
 
 @pytest.mark.slow
@@ -113,7 +113,7 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
     assert from_file["avg"] == pytest.approx(no_tl["avg"], abs=1e-6)
     assert json.loads((run / "transfer.json").read_text())["init"] == str(bare)
     assert not (run / "source_test").exists()
-    rebuilt = tasks.load_network(run / "checkpoints" / "best.ckpt").state_dict()
+    rebuilt = trained_model.load_network(run / "checkpoints" / "best.ckpt").state_dict()
     assert all(torch.equal(rebuilt[k.removeprefix("net.")], v) for k, v in weights.items())
 
     # A rerun that stops before its first validation keeps no model at all, never the old one.
@@ -208,11 +208,11 @@ def test_finetune_without_a_source_is_one_line(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}"])
     with pytest.raises(io.InputError, match="name the source model: source_run="):
-        tasks.finetune(cfg, tmp_path / "run")
+        finetuning.finetune(cfg, tmp_path / "run")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"source_run={tmp_path}"])
-    with pytest.raises(io.InputError, match="not a finished training run"):
-        tasks.finetune(cfg, tmp_path / "run")
+    with pytest.raises(io.InputError, match="neither a subseg training run folder"):
+        finetuning.finetune(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -229,7 +229,7 @@ def test_finetune_options_are_checked_in_one_line(tmp_path, overrides, message):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}", *overrides])
     with pytest.raises(io.InputError, match=message):
-        tasks.finetune(cfg, tmp_path / "run")
+        finetuning.finetune(cfg, tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -74,12 +74,15 @@ def test_missing_and_unreadable_files(tmp_path):
     assert "cannot be read" in _one_line_naming(err, broken)
 
 
-@pytest.mark.parametrize("shape", [(10, 10), (5, 5, 5, 2)])
-def test_wrong_dimensions(tmp_path, shape):
+@pytest.mark.parametrize(
+    "shape, message",
+    [((10, 10), "expected a 3-D volume"), ((5, 5, 5, 2), "a 4-D file with 2 volumes")],
+)
+def test_wrong_dimensions(tmp_path, shape, message):
     path = write_nifti(tmp_path / "bad.nii.gz", np.ones(shape, dtype=np.float32))
     with pytest.raises(io.InputError) as err:
         io.load_image(path)
-    assert "expected a 3-D volume" in _one_line_naming(err, path)
+    assert message in _one_line_naming(err, path)
 
 
 def test_nan_and_inf(tmp_path):

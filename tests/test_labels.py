@@ -3,7 +3,7 @@ import pytest
 
 from subseg import labels
 
-# METHOD.md §1, row by row: class, structure, MICCAI 2012, aseg, CerebrA.
+# docs/method.md §1, row by row: class, structure, MICCAI 2012, aseg, CerebrA.
 METHOD_TABLE = [
     (1, "right_thalamus", 59, 49, 40),
     (2, "left_thalamus", 60, 10, 91),
@@ -90,3 +90,33 @@ def test_left_right_pairs():
         "right_hippocampus"
     )
     assert labels.mirror_class(0) == 0
+
+
+def test_structure_names_for_people():
+    assert labels.structure_name(labels.class_of("left_putamen")) == "left putamen"
+    assert labels.structure_name(1) == "right thalamus"
+    assert labels.structure_name(0) == "background"
+
+
+@pytest.mark.parametrize("protocol", labels.PROTOCOLS)
+def test_unexpected_ids_spare_the_protocols_own_tissues(protocol):
+    own = [i for ids in labels.raw_ids(protocol).values() for i in ids]
+    tissues = list(labels.reference_tissue_ids(protocol).values())
+    assert tissues and labels.unexpected_ids([0, *own, *tissues], protocol) == []
+    assert labels.unexpected_ids([0, *own, -3, 70000, 2**31 - 1], protocol) == [
+        -3,
+        70000,
+        2**31 - 1,
+    ]
+
+
+def test_unexpected_ids_per_numbering():
+    # aseg: FreeSurfer ids (cortex 3, ventricle 4, CSF 24, aparc+aseg 1035, a2009s 12175) are
+    # other tissues; 256 and 1036 are no FreeSurfer volume id.
+    assert labels.unexpected_ids([3, 4, 24, 256, 1035, 1036, 12175], "aseg") == [256, 1036]
+    # MICCAI 2012 (Neuromorphometrics) ids end at 207; CerebrA's at 102.
+    assert labels.unexpected_ids([4, 100, 207, 208], "miccai2012") == [208]
+    assert labels.unexpected_ids([1, 102, 103], "cerebra") == [103]
+    # An explicit mapping documents nothing else: every unmapped non-zero id is unexpected.
+    mapping = {name: 100 + c for c, name in enumerate(labels.STRUCTURES, 1)}
+    assert labels.unexpected_ids(np.array([0, 0, 101, 114, 3, 3, 2]), mapping) == [2, 3]

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import io, labels, tasks
+from subseg import io, labels, prediction
 from subseg.lit_module import SegmentationModule
 
 
@@ -31,7 +31,7 @@ def _cfg(tmp_path, *overrides):
 def test_prediction_comes_back_on_the_input_grid(tiny_cohorts, checkpoint, tmp_path):
     image = tiny_cohorts["target"] / "images" / "t001.nii.gz"
     assert nib.aff2axcodes(nib.load(image).affine) == ("L", "I", "A")
-    rows = tasks.predict(
+    rows = prediction.predict(
         _cfg(
             tmp_path,
             f"ckpt={checkpoint}",
@@ -61,14 +61,14 @@ def test_prediction_comes_back_on_the_input_grid(tiny_cohorts, checkpoint, tmp_p
 
 def test_folder_input_and_bad_inputs(tiny_cohorts, checkpoint, tmp_path):
     folder = tiny_cohorts["source"] / "images"
-    rows = tasks.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    rows = prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
     assert len({r["subject"] for r in rows}) == 3
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(io.InputError, match="broken.ckpt: not a readable subseg checkpoint"):
-        tasks.predict(_cfg(tmp_path, f"ckpt={broken}", f"input={folder}", "atlas=none"))
+        prediction.predict(_cfg(tmp_path, f"ckpt={broken}", f"input={folder}", "atlas=none"))
     with pytest.raises(io.InputError, match="no such file or folder"):
-        tasks.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={tmp_path / 'x.nii'}"))
+        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={tmp_path / 'x.nii'}"))
 
 
 def test_a_batch_is_checked_before_any_scan_is_segmented(tiny_cohorts, checkpoint, tmp_path):
@@ -77,12 +77,98 @@ def test_a_batch_is_checked_before_any_scan_is_segmented(tiny_cohorts, checkpoin
     twin.parent.mkdir()
     twin.write_bytes(scan.read_bytes())
     with pytest.raises(io.InputError, match="same name as .* would overwrite each other"):
-        tasks.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{twin}]", "atlas=none"))
+        prediction.predict(
+            _cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{twin}]", "atlas=none")
+        )
     broken = tmp_path / "bad" / "zz.nii.gz"
     broken.parent.mkdir()
     broken.write_bytes(b"not a nifti")
     with pytest.raises(io.InputError, match="zz.nii.gz: cannot be read as NIfTI"):
-        tasks.predict(
+        prediction.predict(
             _cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{broken}]", "atlas=none")
         )
     assert not (tmp_path / "pred" / "s000_seg.nii.gz").exists()  # nothing segmented first
+
+
+def test_a_scan_that_fails_is_skipped_and_the_batch_finishes(
+    tiny_cohorts, checkpoint, tmp_path, monkeypatch
+):
+    folder = tiny_cohorts["source"] / "images"
+    segment = prediction.segment_scan
+
+    def fails_on_s001(net, prepare, path, cfg, out_dir):
+        if path.name == "s001.nii.gz":  # fails after writing part of its outputs
+            (out_dir / "s001_seg.nii.gz").write_bytes(b"partial")
+            raise RuntimeError("registration diverged\nlong library detail")
+        return segment(net, prepare, path, cfg, out_dir)
+
+    monkeypatch.setattr(prediction, "segment_scan", fails_on_s001)
+    out = tmp_path / "pred"
+    with pytest.raises(io.InputError, match=r"1 of 3 scans failed and were skipped"):
+        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [
+        "s000_seg.nii.gz",
+        "s002_seg.nii.gz",
+    ]
+    with open(out / "volumes.csv", newline="") as f:
+        assert {r["subject"] for r in csv.DictReader(f)} == {"s000", "s002"}
+    with open(out / "failures.csv", newline="") as f:
+        (failure,) = list(csv.DictReader(f))
+    assert failure["scan"].endswith("s001.nii.gz")
+    assert failure["error"] == "RuntimeError: registration diverged"
+
+    monkeypatch.setattr(prediction, "segment_scan", segment)  # fixed: the rerun is clean
+    prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    assert not (out / "failures.csv").exists() and (out / "s001_seg.nii.gz").is_file()
+
+
+def test_a_full_disk_stops_the_batch_with_one_line(
+    tiny_cohorts, checkpoint, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "pred" / "x"))
+
+    monkeypatch.setattr(prediction, "segment_scan", disk_full)
+    folder = tiny_cohorts["source"] / "images"
+    with pytest.raises(SystemExit) as exit_, io.cli_errors():
+        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last == f"subseg: error: {tmp_path / 'pred' / 'x'}: cannot write (No space left on device)"
+    )
+
+
+def test_an_unwritable_output_folder_is_one_line(tiny_cohorts, checkpoint, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    scan = tiny_cohorts["source"] / "images" / "s000.nii.gz"
+    cfg = _cfg(tmp_path, f"ckpt={checkpoint}", f"input={scan}", "atlas=none")
+    cfg.out_dir = str(blocker / "pred")
+    with pytest.raises(io.InputError, match=r"a_file/pred: cannot write here \(Not a directory\)"):
+        prediction.predict(cfg)
+
+
+def test_a_segmentation_with_its_sides_exchanged_is_warned(
+    tiny_cohorts, checkpoint, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    from subseg import sides
+
+    scan = tiny_cohorts["target"] / "images" / "t001.nii.gz"
+    label = io.load_label(tiny_cohorts["target"] / "labels" / "t001.nii.gz", warn=False)
+    truth = labels.map_to_classes(label.data, "aseg")  # on the scan's canonical (RAS) grid
+    caplog.set_level(logging.WARNING, logger="subseg")
+    for segmentation, warned in ((truth, False), (truth[::-1].copy(), True)):
+        monkeypatch.setattr(sides, "_reported", set())
+        monkeypatch.setattr(
+            prediction.inference, "segment", lambda *a, s=segmentation, **k: (s, None)
+        )
+        caplog.clear()
+        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={scan}", "atlas=none"))
+        found = [r.getMessage() for r in caplog.records if "lies left of" in r.getMessage()]
+        assert bool(found) == warned
+    assert found[0].startswith(f"subseg: warning: {scan}: right ")

@@ -48,7 +48,7 @@ class _Trainer:
 def test_fit_record_says_what_stopped_training():
     from lightning.pytorch.callbacks import Timer
 
-    from subseg import tasks
+    from subseg import fitting
 
     recipe = {"max_epochs": 10, "max_time": "00:00:01:00"}
     spent = Timer(duration="00:00:00:01")
@@ -63,5 +63,5 @@ def test_fit_record_says_what_stopped_training():
         (_Trainer(3, callbacks=[left]), _Early(0), "other"),
     ]
     for trainer, early, expected in cases:
-        record = tasks.fit_record(trainer, early, recipe)
+        record = fitting.fit_record(trainer, early, recipe)
         assert record["stopped_by"] == expected and record["epochs"] == trainer.current_epoch

@@ -7,6 +7,7 @@ import yaml
 
 from subseg import io, metrics, report, stats
 from subseg.labels import STRUCTURES
+from subseg.run_folder import RunFolder
 
 
 def _run_folder(root, method, k, draw, dice_by_subject, source=None):
@@ -28,15 +29,14 @@ def _run_folder(root, method, k, draw, dice_by_subject, source=None):
         for subject, dice in dice_by_subject.items()
         for i, name in enumerate(STRUCTURES)
     ]
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=metrics.COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    run = RunFolder(folder)
     summary = {**metrics.summarize(rows), "method": method, "n_images": k}
-    (folder / "summary.json").write_text(json.dumps(summary))
+    run.publish_results(rows, list(metrics.COLUMNS), summary)
     if source is not None:
         _run_folder(folder, "x", 0, 0, source)
-        (folder / "x_d0").rename(folder / "source_test")
+        (folder / "x_d0").rename(run.source_test.path)
+        run.source_test.marker_file.unlink()  # a run's part, not a run
+    run.finish("finetune", "0" * 16)
     return folder
 
 
@@ -128,3 +128,36 @@ def test_report_names_the_software_each_run_was_made_with(tmp_path):
     RunFolder(second).environment_file.unlink()  # a run from before the record existed
     summary = report.write_report(report.find_runs([runs]), tmp_path / "out2")
     assert summary["software"]["not recorded"] == ["tl1_d0"]
+
+
+def test_report_skips_a_run_without_its_completion_marker(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _run_folder(runs, "no_tl", 0, 0, {"t1": 0.5, "t2": 0.6})
+    killed = _run_folder(runs, "tl1", 1, 0, {"t1": 0.9, "t2": 0.9})
+    RunFolder(killed).marker_file.unlink()  # what a killed run leaves: results, no marker
+    assert [r.method for r in report.find_runs([runs])] == ["no_tl"]
+    assert f"skipped {killed}: not a complete run" in capsys.readouterr().err
+    RunFolder(runs / "no_tl_d0").marker_file.unlink()
+    with pytest.raises(io.InputError, match="no complete fine-tuning run folders"):
+        report.find_runs([runs])
+
+
+def test_report_says_how_many_subjects_a_structure_averages(tmp_path):
+    rows = [
+        {
+            "subject": subject,
+            "structure": name,
+            # t2's reference label has no left accumbens: no Dice for it
+            "dsc": float("nan") if (subject, name) == ("t2", "left_accumbens") else 0.8,
+            "hd95_mm": 1.0,
+            "assd_mm": 0.5,
+            "vol_ref_mm3": 100.0,
+            "vol_pred_mm3": 100.0,
+        }
+        for subject in ("t1", "t2")
+        for name in STRUCTURES
+    ]
+    run = report.Run(folder=tmp_path, method="tl1", n_images=1, draw=0, rows=rows)
+    table = {r["structure"]: r["tl1"] for r in report.table_rows(report.summarize_methods([run]))}
+    assert table["left_accumbens"].endswith("(1 of 2)")
+    assert table["right_accumbens"] == "0.800 ± 0.000"

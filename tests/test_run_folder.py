@@ -4,8 +4,10 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import io, run_folder, tasks
-from subseg.run_folder import InputContract, RunFolder
+from subseg import contract as contracts
+from subseg import io, trained_model
+from subseg.contract import InputContract
+from subseg.run_folder import RunFolder
 
 
 def _cfg(name, *overrides):
@@ -20,11 +22,12 @@ def _run(tmp_path, name="run", **contract_changes):
     run.checkpoints_dir.mkdir()
     run.checkpoint.write_bytes(b"weights")
     contract = InputContract(
-        {**run_folder.default_preset("preprocess"), "cache_dir": "/training/machine"},
-        {**run_folder.default_preset("atlas"), "cache_dir": "/training/machine"},
+        {**contracts.default_preset("preprocess"), "cache_dir": "/training/machine"},
+        {**contracts.default_preset("atlas"), "cache_dir": "/training/machine"},
         **contract_changes,
     )
     run.write_contract(contract)
+    run.finish("train", "0" * 16)
     return run
 
 
@@ -41,9 +44,9 @@ def test_a_contract_records_what_not_where(tmp_path):
 def test_options_are_checked_against_the_runs_record(tmp_path):
     run = _run(tmp_path)
     same = _cfg("predict", "input=x", "preprocess=n4", "atlas=harvard_oxford")
-    assert run_folder.check_options(run.contract(), same, run.path).preprocess["kind"] == "n4"
+    assert contracts.check_options(run.contract(), same, run.path).preprocess["kind"] == "n4"
     local = _cfg("predict", "input=x", "++atlas.cache_dir=/elsewhere", "++preprocess.threads=1")
-    contract = run_folder.check_options(run.contract(), local, run.path)
+    contract = contracts.check_options(run.contract(), local, run.path)
     assert (
         contract.atlas["cache_dir"] == "/elsewhere" and contract.atlas["kind"] == "harvard_oxford"
     )
@@ -53,27 +56,71 @@ def test_options_are_checked_against_the_runs_record(tmp_path):
         ("atlas=none", "atlas=harvard_oxford"),
     ):
         with pytest.raises(io.InputError, match=f"trained with {recorded}; .* other input"):
-            run_folder.check_options(run.contract(), _cfg("predict", "input=x", option), run.path)
-    other = dict(run_folder.default_preset("preprocess"), shrink_factor=2)
+            contracts.check_options(run.contract(), _cfg("predict", "input=x", option), run.path)
+    other = dict(contracts.default_preset("preprocess"), shrink_factor=2)
     with pytest.raises(io.InputError, match="trained with preprocess=n4"):
-        run_folder.check_options(run.contract(), {"preprocess": other}, run.path)
+        contracts.check_options(run.contract(), {"preprocess": other}, run.path)
 
 
 def test_model_of_reads_the_run_and_refuses_a_foreign_checkpoint(tmp_path):
     run, other = _run(tmp_path), _run(tmp_path, "other", intensity="nyul", landmarks=[0.0, 1.0])
-    checkpoint, contract, found = tasks.model_of(_cfg("predict", "input=x", f"run_dir={run.path}"))
+    checkpoint, contract, found = trained_model.model_of(
+        _cfg("predict", "input=x", f"run_dir={run.path}")
+    )
     assert checkpoint == run.checkpoint and found.path == run.path
-    _, contract, _ = tasks.model_of(_cfg("predict", "input=x", f"ckpt={other.checkpoint}"))
+    _, contract, _ = trained_model.model_of(_cfg("predict", "input=x", f"ckpt={other.checkpoint}"))
     assert contract.intensity == "nyul"  # a checkpoint inside a run folder brings its contract
     mixed = _cfg("predict", "input=x", f"run_dir={run.path}", f"ckpt={other.checkpoint}")
     with pytest.raises(io.InputError, match="not a checkpoint of run_dir="):
-        tasks.model_of(mixed)
+        trained_model.model_of(mixed)
     bare = tmp_path / "bare.ckpt"
     bare.write_bytes(b"weights")
-    _, contract, found = tasks.model_of(_cfg("predict", "input=x", f"ckpt={bare}", "atlas=none"))
+    _, contract, found = trained_model.model_of(
+        _cfg("predict", "input=x", f"ckpt={bare}", "atlas=none")
+    )
     assert (
         found is None and contract.atlas["kind"] == "none" and contract.preprocess["kind"] == "n4"
     )
     (run.contract_file).unlink()
     with pytest.raises(io.InputError, match="no preprocessing.json"):
-        tasks.model_of(_cfg("predict", "input=x", f"run_dir={run.path}"))
+        trained_model.model_of(_cfg("predict", "input=x", f"run_dir={run.path}"))
+
+
+def test_a_run_without_its_marker_is_refused_by_every_reader(tmp_path):
+    run = _run(tmp_path)
+    run.marker_file.unlink()  # killed before it finished: every file there but the marker
+    for cfg in (
+        _cfg("predict", "input=x", f"run_dir={run.path}"),
+        _cfg("predict", "input=x", f"ckpt={run.checkpoint}"),
+    ):
+        with pytest.raises(io.InputError, match="not a complete run .no complete.json"):
+            trained_model.model_of(cfg)
+    with pytest.raises(io.InputError, match="not a complete run"):
+        trained_model.source_run(_cfg("finetune", f"source_run={run.path}"))
+    with pytest.raises(io.InputError, match="not a complete run"):
+        run.summary()
+
+
+def test_starting_a_run_clears_its_marker_and_old_results_first(tmp_path):
+    run = _run(tmp_path)
+    run.publish_results([{"subject": "s"}], ["subject"], {"avg": 0.5})
+    run.source_test.publish_results([{"subject": "s"}], ["subject"], {"avg": 0.4})
+    run.last_checkpoint.write_bytes(b"last")
+    assert run.is_complete()
+    run.start(resume=True)  # a continued run keeps its checkpoints and splits, not its results
+    assert not run.is_complete() and not run.summary_file.exists()
+    assert not run.metrics_file.exists() and not run.source_test.path.exists()
+    assert run.last_checkpoint.is_file() and run.contract_file.is_file()
+    run.start()
+    assert not run.checkpoints_dir.exists() and not run.contract_file.exists()
+    assert run.config_file.is_file()  # Hydra's record of this run stays
+
+
+def test_the_config_hash_ignores_where_and_how_fast(tmp_path):
+    from subseg.run_folder import config_hash
+
+    base = _cfg("finetune", "source_run=x")
+    same = _cfg("finetune", "source_run=x", "resume=true", "num_workers=2", "logger=csv")
+    other = _cfg("finetune", "source_run=x", "seed=1")
+    assert config_hash(base) == config_hash(same) != config_hash(other)
+    assert config_hash(base, {"source": "a"}) != config_hash(base, {"source": "b"})

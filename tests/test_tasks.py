@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, write_nifti
 from hydra import compose, initialize_config_dir
 
-from subseg import io, labels, tasks
+from subseg import cohort_preview, finetuning, io, labels
 
 TINY = ["dataset@source=synth_tiny_source", "dataset@target=synth_tiny_target"]
 
@@ -70,8 +70,7 @@ def test_finetune_and_evaluate_name_what_is_missing_in_one_line(tmp_path):
     result = _run("finetune.py", f"source_run={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"subseg: error: {tmp_path}: not a finished training run (needs checkpoints/best.ckpt "
-        f"and .hydra/config.yaml) nor a checkpoint file"
+        f"subseg: error: {tmp_path}: neither a subseg training run folder nor a checkpoint file"
     )
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     result = _run(
@@ -121,14 +120,14 @@ def test_cli_errors_unwraps_monai_errors(capsys):
 def test_summary_of_a_tiny_cohort(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("demo", overrides=[*TINY, f"paths.data_dir={tmp_path}"])
-    summary = tasks.summarize_cohort(cfg.target)
+    summary = cohort_preview.summarize_cohort(cfg.target)
     assert summary["groups"] == {"ge": 3, "siemens": 1}
     assert summary["voxel_mm"] == [(2.3438, 2.3438, 3.75)]
     first = summary["subjects"][0]
     voxel = 2.34375 * 2.34375 * 3.75
     raw = io.load_label(tmp_path / "synth" / "synth_tiny_target" / "labels" / "t000.nii.gz")
     assert first["volumes_mm3"]["left_thalamus"] == pytest.approx((raw.data == 10).sum() * voxel)
-    assert "| left_thalamus |" in tasks.format_summary(summary)
+    assert "| left_thalamus |" in cohort_preview.format_summary(summary)
 
 
 @pytest.mark.parametrize(
@@ -147,4 +146,4 @@ def test_summary_of_a_tiny_cohort(tmp_path):
 )
 def test_method_keys_name_the_papers_methods(overrides, key):
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        assert tasks.method_key(compose("finetune", overrides=overrides)) == key
+        assert finetuning.method_key(compose("finetune", overrides=overrides)) == key

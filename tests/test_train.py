@@ -9,7 +9,7 @@ import torch
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import labels, tasks
+from subseg import labels, training
 from subseg.lit_module import SegmentationModule
 from subseg.metrics import COLUMNS
 from subseg.model import count_trainable
@@ -34,7 +34,7 @@ def _cfg(tmp_path, *overrides):
 @pytest.mark.slow
 def test_training_writes_the_run_folder_contract(tmp_path):
     run = tmp_path / "run"
-    summary = tasks.train(_cfg(tmp_path, "logger=csv"), run)
+    summary = training.train(_cfg(tmp_path, "logger=csv"), run)
 
     assert {"avg", "wavg", "per_structure", "checkpoint"} <= set(summary)
     assert json.loads((run / "summary.json").read_text())["avg"] == summary["avg"]
@@ -124,7 +124,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     if not torch.distributed.is_gloo_available():
         pytest.skip("gloo backend not available")
     run = tmp_path / "run"
-    summary = tasks.train(
+    summary = training.train(
         _cfg(tmp_path, "logger=csv", "strategy=ddp_fork", "devices=2", "accelerator=cpu"), run
     )
     assert (run / "checkpoints" / "best.ckpt").is_file()

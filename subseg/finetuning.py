@@ -1,0 +1,326 @@
+"""Adapt a source model to a target scanner from k labelled images: what ``finetune.py`` runs.
+
+The steps, in order: check the options; find the source model and its input contract; draw the
+k training images (the rest are tested); prepare them as the source's input was prepared; load
+the source weights; fit (or, for No TL, save the source model as is); evaluate on the target's
+test subjects and, optionally, back on the source's (what adaptation costs on the old scanner).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from subseg import cache, cohort, evaluation, fitting, io
+from subseg import contract as contracts
+from subseg.contract import as_dict
+from subseg.preparation import (
+    cached_subjects,
+    check_cohort,
+    nyul_landmarks,
+    prepare_run,
+    source_training_items,
+)
+from subseg.run_folder import RunFolder
+from subseg.trained_model import model_file, source_run
+
+
+def method_key(cfg: DictConfig) -> str:
+    """The report's name of a fine-tuning run's method (no_tl, tl3, scratch3, mixed3, …).
+
+    ``n_images=all`` from scratch is ``full`` (full training; the folds of a leave-one-out
+    share it, so the report pools them), and ``tl_all`` with transfer.
+    """
+    k = cfg.target.n_images
+    k = "_all" if k == "all" else int(k)
+    prefix = "nyul_" if cfg.intensity == "nyul" else ""
+    if cfg.init == "scratch":
+        if k == "_all" and not cfg.get("mix_source"):
+            return f"{prefix}full"
+        return f"{prefix}{'mixed' if cfg.get('mix_source') else 'scratch'}{k}"
+    preset = "" if cfg.freeze.name == "paper" else f"_{cfg.freeze.name}"
+    return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}"
+
+
+def check_options(cfg: DictConfig) -> None:
+    """One-line errors for option values the run cannot use (before any work is done)."""
+    k = cfg.target.n_images
+    if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
+        raise io.InputError(f"target.n_images={k}: give a number of images (0 = No TL) or all")
+    if not isinstance(cfg.target.draw, int) or cfg.target.draw < 0:
+        raise io.InputError(f"target.draw={cfg.target.draw}: give a draw number (0, 1, …)")
+    if cfg.init not in ("source", "scratch"):
+        raise io.InputError(f"init={cfg.init}: choose source (transfer) or scratch")
+    if cfg.intensity not in ("zscore", "nyul"):
+        raise io.InputError(f"intensity={cfg.intensity}: choose zscore or nyul")
+    fold = cfg.target.get("fold")
+    if fold is not None and (k != "all" or f"loo{fold}" not in str(cfg.name)):
+        raise io.InputError(
+            f"target.fold={fold} is a leave-one-out fold: use +experiment=loo (every other image "
+            "trained on, the fold in the run name)"
+        )
+    if cfg.init == "scratch" and cfg.freeze.name != "none":
+        raise io.InputError(
+            f"init=scratch trains every layer from random weights: add freeze=none "
+            f"(freeze={cfg.freeze.name} would only change its learning rate)"
+        )
+
+
+def _source_and_contract(cfg: DictConfig):
+    """The source model and the input contract the fine-tuned model keeps.
+
+    Returns:
+        (source run folder or ``None``, its config or ``None``, source checkpoint or ``None``
+        for scratch, the contract).
+    """
+    source_dir, source_cfg, source_ckpt = source_run(cfg)
+    scratch = cfg.init == "scratch"
+    if not scratch and source_ckpt is None:
+        raise io.InputError("name the source model: source_run=<training run folder or .ckpt>")
+    if cfg.mix_source and (not scratch or source_dir is None):
+        raise io.InputError(
+            "mix_source=true trains from scratch on a source run's images too: "
+            "set init=scratch and source_run=<training run folder>"
+        )
+    if cfg.intensity == "nyul" and source_dir is None:
+        raise io.InputError(
+            "intensity=nyul standardises to the source training images: name the source "
+            "run folder, source_run=<training run folder>"
+        )
+    if source_dir is not None:  # the source run's input contract, never loose options
+        contract = source_dir.contract()
+        contracts.check_options(contract, cfg, source_dir.path)
+    else:
+        why = (
+            f"{source_ckpt} is a bare checkpoint (what it was trained with is unknown; no "
+            "source-domain evaluation)"
+            if source_ckpt is not None
+            else ""
+        )
+        contract = contracts.contract_from_options(cfg, why)
+    if contract.intensity == "nyul" and cfg.intensity != "nyul":  # a Nyúl-tuned source model
+        raise io.InputError(
+            f"{source_dir.path}: the model was trained with intensity=nyul; "
+            f"intensity={cfg.intensity} would feed it other input (add intensity=nyul)"
+        )
+    if cfg.intensity != contract.intensity:
+        contract.intensity, contract.landmarks = str(cfg.intensity), None
+    return source_dir, source_cfg, source_ckpt, contract
+
+
+def _check_run_folder(run: RunFolder, method: str, init: str) -> None:
+    """Refuse to overwrite a complete run of another method or source model."""
+    if not run.is_complete():
+        return
+    done = {**run.read_json(run.summary_file), **run.read_json(run.transfer_file)}
+    before = (done.get("method", method), model_file(done.get("init", init)))
+    if before != (method, model_file(init)):
+        raise io.InputError(
+            f"{run.path}: holds a finished {done.get('method')} run from {done.get('init')}; "
+            "give this one another name=…"
+        )
+
+
+def _draw(cfg: DictConfig, dataset: dict) -> dict:
+    """The k training images of this draw; the rest are the test subjects."""
+    draw = cohort.draw_target(
+        [s.id for s in cohort.list_subjects(dataset)],
+        cfg.target.n_images,
+        int(cfg.target.draw),
+        dataset.get("test_ids"),
+        int((dataset.get("split") or {}).get("seed", 0)),
+        cfg.target.get("fold"),
+    )
+    if cfg.init == "scratch" and not draw["train"]:
+        raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
+    return draw
+
+
+def _load_source_weights(net, source_ckpt: Path, k: int) -> dict:
+    """Copy the source's weights into ``net``; their record for ``transfer.json``."""
+    from subseg import transfer
+
+    loaded = transfer.load_source_weights(net, source_ckpt)
+    if k == 0 and loaded["missing"]:
+        raise io.InputError(
+            f"{source_ckpt}: lacks {', '.join(loaded['missing'][:3])}…: No TL would evaluate "
+            "layers at their random initialisation"
+        )
+    print(
+        f"subseg: loaded {len(loaded['copied'])} tensors from {source_ckpt}; skipped "
+        f"{loaded['skipped'] or 'none'}; left at initialisation {loaded['missing'] or 'none'}"
+    )
+    return {
+        "copied": len(loaded["copied"]),
+        "skipped": loaded["skipped"],
+        "missing": loaded["missing"],
+    }
+
+
+def _training_set(cfg, module, items, preset, recipe, record: dict):
+    """Pool the training samples: cached frozen-layer features when the preset allows.
+
+    Returns:
+        (the dataset, (train indices, validation indices)).
+    """
+    import torch
+
+    from subseg import data, transfer
+
+    rng = np.random.default_rng(int(cfg.seed))
+    samples, train_idx, val_idx = fitting.pooled_samples(items, recipe, rng)
+    scratch = cfg.init == "scratch"
+    record["cached_features"] = not scratch and transfer.caches_conv_features(module.net, preset)
+    if record["cached_features"]:
+        pooled = data.FeatureDataset(
+            torch.cat([transfer.conv_features_of(module.net, s) for s in samples]),
+            torch.cat([s.prior for s in samples]),
+            torch.cat([s.targets for s in samples]),
+        )
+    else:
+        pooled = data.PatchDataset(samples)
+    record["samples"] = {"train": len(train_idx), "val": len(val_idx)}
+    return pooled, (train_idx, val_idx)
+
+
+def _adapt(cfg, run: RunFolder, module, items: list, preset, record: dict):
+    """Fit the k images (reset layers re-initialised, frozen ones per the preset).
+
+    Returns:
+        (the fine-tuned network in eval mode or ``None`` on a DDP rank other than the first,
+        the trainer's loggers).
+    """
+    import torch
+
+    from subseg import transfer
+    from subseg.lit_module import SegmentationModule
+
+    torch.manual_seed(int(cfg.seed))  # the reset layers' initialisation
+    callbacks = []
+    if cfg.init != "scratch":
+        record["reset"] = transfer.reset_layers(module.net, preset)
+        callbacks.append(transfer.FreezeSchedule(preset))
+    pooled, indices = _training_set(cfg, module, items, preset, as_dict(cfg.recipe), record)
+    best, trainer, record["fit"] = fitting.fit(
+        cfg, run, module, pooled, indices, as_dict(cfg.recipe), callbacks
+    )
+    if best is None:
+        return None, ()
+    record["frozen"] = sorted(n for n, p in module.net.named_parameters() if not p.requires_grad)
+    net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
+    return net, trainer.loggers
+
+
+def _retention(cfg, net, source_dir: RunFolder, source_cfg, contract, run: RunFolder):
+    """Evaluate the fine-tuned model on the source's test subjects (``None`` if impossible)."""
+    try:
+        return evaluation.evaluate_on(
+            net,
+            source_cfg["dataset"],
+            source_dir.split("test"),
+            contract,
+            run.source_test,
+            {"method": method_key(cfg)},
+        )
+    except Exception as exc:  # optional: a source run moved elsewhere lacks its data
+        reason = io.find_input_error(exc) or (exc if isinstance(exc, OSError) else None)
+        if reason is None:
+            raise
+        print(f"subseg: source-domain evaluation skipped: {reason}", file=sys.stderr)
+        return None
+
+
+def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Adapt a source model to a target cohort from k labelled images, and evaluate it.
+
+    ``target.n_images=0`` is No TL: the source model evaluated as is. ``init=scratch`` trains
+    the same k images from random weights (the scratch-k baseline). ``intensity=nyul``
+    standardises the target images to the source training images' histogram first.
+
+    Writes the run folder (:mod:`subseg.run_folder`): ``splits.json`` (the k drawn images; the
+    rest are tested), ``preprocessing.json``, ``transfer.json`` (copied/skipped/reset tensors,
+    frozen modules, whether features were cached), ``checkpoints/best.ckpt``, ``logs/``,
+    ``metrics.csv`` and ``summary.json`` on the target test subjects, with ``evaluate_source``
+    ``source_test/`` (the same files on the source cohort's test subjects), and last
+    ``complete.json``. A run already complete with the same config and source is left as it is;
+    ``resume=true`` continues a killed one.
+
+    Args:
+        cfg: the composed ``conf/finetune.yaml``.
+        run_dir: the run folder.
+
+    Returns:
+        The target test summary.
+    """
+    import lightning as L
+
+    from subseg import transfer
+    from subseg.lit_module import SegmentationModule
+
+    run = RunFolder(run_dir)
+    check_options(cfg)
+    source_dir, source_cfg, source_ckpt, contract = _source_and_contract(cfg)
+    init = "scratch" if cfg.init == "scratch" else str(source_ckpt)
+    _check_run_folder(run, method_key(cfg), init)
+    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
+    draw = _draw(cfg, dataset)
+    subjects = check_cohort(dataset, {i for ids in draw.values() for i in ids})
+    inputs = {"source": cache.file_digest(source_ckpt)} if source_ckpt else {}
+    digest = run.begin(cfg, inputs)
+    if digest is None:
+        return run.summary()
+    L.seed_everything(int(cfg.seed), workers=True)
+    print(f"subseg: input: {contract.describe()}")
+    run.write_environment(str(cfg.accelerator))
+    splits, subjects, source, contract = prepare_run(cfg, run, subjects, draw, contract)
+    if cfg.intensity == "nyul" and contract.landmarks is None:
+        contract.landmarks = nyul_landmarks(source_dir, source_cfg, contract)
+    run.write_contract(contract)
+    by_id = {s.id: s for s in subjects}
+    cached = cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
+    dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
+    preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
+    module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
+    k = len(splits["train"])
+    record = {"init": init, "n_images": k}
+    if init != "scratch":
+        record.update(_load_source_weights(module.net, source_ckpt, k))
+    if k == 0:  # No TL: the source model as is, saved by Lightning like any trained model
+        fitting.save_untrained(run, module)
+        net, loggers = module.net.eval(), ()
+    else:
+        items = list(cached(splits["train"]))
+        if cfg.mix_source:  # the mixed baseline: source training images join the k target ones
+            items += source_training_items(source_dir, source_cfg, contract)
+            record["mixed_source_images"] = len(items) - k
+        net, loggers = _adapt(cfg, run, module, items, preset, record)
+        if net is None:
+            return {}
+    run.write_json(run.transfer_file, record)
+    summary = evaluation.publish(
+        run,
+        net,
+        cached(splits["test"]),
+        by_id,
+        loggers,
+        {
+            "checkpoint": str(run.checkpoint.relative_to(run.path)),
+            "n_images": k,
+            "method": method_key(cfg),
+            **({"fit": record["fit"]} if "fit" in record else {}),
+        },
+    )
+    print(
+        f"subseg: {method_key(cfg)} on {dataset['name']}: test mean Dice {summary['avg']:.3f} "
+        f"(wDSC {summary['wavg']:.3f}) over {summary['n_subjects']} subjects; run folder {run.path}"
+    )
+    if cfg.evaluate_source and source_dir is not None:
+        retained = _retention(cfg, net, source_dir, source_cfg, contract, run)
+        if retained is not None:
+            summary["source_test"] = {"avg": retained["avg"], "wavg": retained["wavg"]}
+            print(f"subseg: on the source cohort's test subjects: mean Dice {retained['avg']:.3f}")
+    run.finish("finetune", digest)
+    return summary

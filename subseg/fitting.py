@@ -1,0 +1,240 @@
+"""One Lightning fit, shared by training and fine-tuning: samples, checkpoints, resume, loggers.
+
+Checkpoints are written atomically and carry the random-number state, so a run killed at any
+moment continues with ``resume=true`` from its last finished epoch and ends exactly where an
+uninterrupted run with the same seed ends.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from subseg import io
+from subseg.run_folder import RunFolder
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on a local disk.
+
+    Lightning's own writer commits through an fsspec transaction whose temporary file lies in
+    the system's temp folder, and the final move across file systems is a copy that a kill can
+    cut short. This one writes a temporary file beside the checkpoint and renames it.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        """Write ``checkpoint`` to a temporary file in ``path``'s folder, then rename it."""
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        with io.atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class RandomState(Callback):
+    """Keep the random-number state in every checkpoint and restore it on resume.
+
+    Lightning's checkpoints hold the model, optimiser, loops and callbacks but not the RNG state
+    (its fault-tolerant mode, which did, was removed), so a resumed run would shuffle and drop
+    out differently from an uninterrupted one.
+    """
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: D102
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # Plain types only: torch.load(weights_only=True) refuses numpy arrays.
+        checkpoint["subseg_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: D102
+        state = checkpoint.get("subseg_rng")
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            name, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+            random.setstate(state["python"])
+
+
+def loggers(cfg: DictConfig, run: RunFolder) -> list:
+    """Lightning loggers: a CSV log always, and W&B (offline by default) when configured."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    chosen = [CSVLogger(save_dir=run.path, name=run.logs_dir.name, version="")]
+    if cfg.logger.kind == "wandb":
+        # Offline by default: no account, no network; `wandb sync` uploads the run later.
+        chosen.append(
+            WandbLogger(
+                name=str(cfg.name),
+                save_dir=str(run.path),
+                dir=str(run.path),
+                offline=bool(cfg.logger.offline),
+                project=cfg.logger.project,
+            )
+        )
+    return chosen
+
+
+def pooled_samples(items, recipe: Mapping, rng: np.random.Generator):
+    """Sample every subject (docs/method.md §4) and split the pooled samples into train/val.
+
+    Returns:
+        (the subjects' :class:`subseg.data.SubjectSamples`, train indices, validation indices).
+    """
+    from subseg import data
+
+    samples = [data.subject_samples(item, rng, recipe["samples_per_subject"]) for item in items]
+    owner = np.concatenate([np.full(len(s.targets), i) for i, s in enumerate(samples)])
+    by_subject = owner if recipe["split_level"] == "subject" else None
+    train_idx, val_idx = data.split_indices(len(owner), recipe["val_fraction"], rng, by_subject)
+    return samples, train_idx, val_idx
+
+
+def trainer_for(cfg: DictConfig, run: RunFolder, recipe: Mapping, callbacks=()):
+    """A Lightning trainer writing to ``run``: atomic checkpoints, RNG state, early stopping.
+
+    Returns:
+        (the trainer, its ``ModelCheckpoint``, its ``EarlyStopping``).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run.checkpoints_dir,
+        filename=run.checkpoint.stem,
+        monitor=recipe["monitor"],
+        mode=recipe["mode"],
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    early = EarlyStopping(
+        monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
+    )
+    trainer = L.Trainer(
+        max_epochs=int(recipe["max_epochs"]),
+        max_time=recipe["max_time"],
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        logger=loggers(cfg, run),
+        callbacks=[checkpoint, early, RandomState(), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run.path,
+        log_every_n_steps=10,
+    )
+    return trainer, checkpoint, early
+
+
+def fit(cfg, run: RunFolder, module, pooled, indices, recipe: Mapping, callbacks=()):
+    """Fit ``module`` on ``pooled`` samples with checkpointing and early stopping.
+
+    With ``cfg.resume`` and a ``last.ckpt`` in the run, the fit continues from it (model,
+    optimiser, epoch, early-stopping state and random state).
+
+    Returns:
+        (the best checkpoint's path on the main process, ``None`` on the others (DDP);
+        the trainer; :func:`fit_record`'s record).
+    """
+    from torch.utils.data import DataLoader
+
+    from subseg import data
+
+    def loader(subset, shuffle):
+        return DataLoader(
+            pooled.subset(subset),
+            batch_size=int(recipe["batch_size"]),
+            shuffle=shuffle,
+            collate_fn=data.collate_batch,
+            num_workers=int(cfg.num_workers),
+        )
+
+    trainer, checkpoint, early = trainer_for(cfg, run, recipe, callbacks)
+    resume_from = run.last_checkpoint if cfg.get("resume") else None
+    if resume_from is not None and not resume_from.is_file():
+        print(f"subseg: {run.path}: no last.ckpt to resume from: starting afresh", file=sys.stderr)
+        resume_from = None
+    elif resume_from is not None:
+        print(f"subseg: resuming {run.path} from {resume_from.name}", file=sys.stderr)
+    train_idx, val_idx = indices
+    trainer.fit(module, loader(train_idx, True), loader(val_idx, False), ckpt_path=resume_from)
+    record = fit_record(trainer, early, recipe)
+    if not trainer.is_global_zero:
+        return None, trainer, record
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    if not best:
+        raise io.InputError(
+            f"{run.path}: training stopped before its first validation (recipe.max_time="
+            f"{recipe['max_time']}, recipe.max_epochs={recipe['max_epochs']}): no model to keep"
+        )
+    return Path(best), trainer, record
+
+
+def fit_record(trainer, early, recipe: Mapping) -> dict:
+    """How a fit ended: the epochs it ran and what stopped it.
+
+    ``max_epochs`` and ``early_stopping`` give the same model on any machine; ``max_time`` is the
+    wall-clock safety net, and a model it stopped depends on the machine's speed.
+    """
+    from lightning.pytorch.callbacks import Timer
+
+    epochs = int(trainer.current_epoch)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if trainer.interrupted:
+        stopped_by = "interrupted"
+    elif early.wait_count >= early.patience:
+        stopped_by = "early_stopping"
+    elif epochs >= int(recipe["max_epochs"]):
+        stopped_by = "max_epochs"
+    elif timer is not None and (timer.time_remaining() or 0) <= 0:
+        stopped_by = "max_time"
+    else:  # e.g. a non-finite monitored value
+        stopped_by = "other"
+    if stopped_by == "max_time":
+        print(
+            f"subseg: the wall-clock cap recipe.max_time={recipe['max_time']} stopped training "
+            f"after {epochs} of {recipe['max_epochs']} epochs: the result depends on this "
+            "machine's speed",
+            file=sys.stderr,
+        )
+    return {
+        "epochs": epochs,
+        "max_epochs": int(recipe["max_epochs"]),
+        "stopped_by": stopped_by,
+        "max_time": recipe["max_time"],
+    }
+
+
+def save_untrained(run: RunFolder, module) -> Path:
+    """Save ``module`` as the run's model without training it (No TL), through Lightning.
+
+    The checkpoint is Lightning's own (hyper-parameters, version), so evaluate.py and predict.py
+    read this run like any other.
+
+    Returns:
+        The checkpoint path.
+    """
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run.path,
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(run.checkpoint)
+    return run.checkpoint

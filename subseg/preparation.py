@@ -1,0 +1,123 @@
+"""From files to network input: check the cohort, correct the bias field, register the atlas.
+
+Every training, fine-tuning and evaluation run starts here. What is slow (N4, registration) is
+cached beside each scan and keyed on its content (:mod:`subseg.cache`), so a second run, or a
+resumed one, finds it done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from omegaconf import DictConfig
+from rich.progress import track
+
+from subseg import atlas, bias, cohort, io, transforms
+from subseg.contract import InputContract, as_dict
+from subseg.run_folder import RunFolder
+
+
+def check_subjects(subjects: list, protocol) -> list:
+    """Load every subject's image and label through the checks; ``subjects`` back.
+
+    Called before a run writes anything: a bad file is a one-line error naming it, before
+    minutes of registration and with no half-made run folder left behind.
+    """
+    check = transforms.LoadSubjectd(protocol=protocol)
+    for subject in track(subjects, description="checking files"):
+        check(subject.as_item())
+    return subjects
+
+
+def check_cohort(dataset: Mapping, ids=None) -> list:
+    """The cohort's subjects (those of ``ids`` when given), every file checked."""
+    subjects = cohort.list_subjects(dataset)
+    if ids is not None:
+        subjects = [s for s in subjects if s.id in set(ids)]
+    return check_subjects(subjects, dataset["label_ids"])
+
+
+def prepare_run(
+    cfg: DictConfig,
+    run: RunFolder,
+    subjects: list,
+    splits: Mapping | None = None,
+    contract: InputContract | None = None,
+) -> tuple[dict, list, object, InputContract]:
+    """Set up a run folder: splits drawn once, every subject primed.
+
+    Each subject the splits use has its bias field corrected and its atlas prior computed
+    (both cached beside the subject), with a QC overlay in the run's ``qc/``; for
+    ``task=train``, ``atlas=source_labels`` is built in the run's ``atlas/`` from the training
+    split.
+
+    Args:
+        cfg: a composed task config with a ``dataset`` entry (and ``preprocess`` and ``atlas``
+            entries when ``contract`` is not given).
+        run: the run folder.
+        subjects: the cohort's subjects, their files checked (:func:`check_cohort`).
+        splits: splits drawn by the task (default: the cohort's own, drawn once).
+        contract: how the model's input is prepared (a source run's); default: from ``cfg``.
+
+    Returns:
+        (the splits written to the run's ``splits.json``, the subjects they use, the atlas
+        source, the input contract with its atlas located).
+    """
+    dataset = as_dict(cfg.dataset)
+    if contract is None:
+        contract = InputContract(as_dict(cfg.preprocess), as_dict(cfg.atlas))
+    protocol = dataset["label_ids"]
+    splits = cohort.ensure_splits(run.splits_file, dataset, subjects, splits)
+    used = {i for ids in splits.values() for i in ids}
+    subjects = [s for s in subjects if s.id in used]  # a draw may leave subjects unused
+    images = [s.image for s in subjects]
+    bias.ensure_corrected(images, contract.preprocess)
+    # source_labels is built from a *source* cohort's training split only: built from a target
+    # cohort it would leak test labels into the prior. Other tasks name a saved atlas.
+    training = (
+        [s for s in subjects if s.id in set(splits["train"])] if cfg.task == "train" else None
+    )
+    source = atlas.load_source(
+        contract.atlas, training, protocol, build_dir=run.atlas_dir, preprocess=contract.preprocess
+    )
+    if contract.atlas.get("kind") == "source_labels" and not contract.atlas.get("path"):
+        contract.atlas = {**contract.atlas, "path": str(run.atlas_dir)}
+    atlas.ensure_priors(images, contract.atlas, source, preprocess=contract.preprocess)
+    for subject in track(subjects, description="prior QC"):
+        image = io.load_image(subject.image)
+        prior = atlas.subject_prior(image, contract.atlas, source, contract.preprocess)
+        atlas.save_prior_qc(image, prior, run.qc_dir / f"{subject.id}_prior.png")
+    return splits, subjects, source, contract
+
+
+def cached_subjects(by_id, protocol, contract: InputContract, source, num_workers=0):
+    """A function: subject ids → a MONAI ``CacheDataset`` of subjects prepared as ``contract``."""
+    from monai.data import CacheDataset
+
+    pipeline = contract.pipeline(protocol, source)
+
+    def cached(ids):
+        items = [by_id[i].as_item() for i in ids]
+        return CacheDataset(items, pipeline, num_workers=int(num_workers), progress=False)
+
+    return cached
+
+
+def nyul_landmarks(source: RunFolder, source_cfg: Mapping, contract: InputContract) -> list:
+    """The source training images' standard scale (Nyúl stage one), prepared as ``contract``."""
+    train_ids = set(source.split("train"))
+    prepare = contract.intensities(landmarks=False)
+    images = [
+        prepare({"image": str(s.image)})["image"][0].numpy()
+        for s in cohort.list_subjects(source_cfg["dataset"])
+        if s.id in train_ids
+    ]
+    return [float(v) for v in transforms.learn_standard_scale(images)]
+
+
+def source_training_items(source: RunFolder, source_cfg: Mapping, contract) -> list:
+    """A source run's training images prepared as ``contract`` (for the mixed baseline)."""
+    dataset = dict(source_cfg["dataset"])
+    subjects = {s.id: s for s in cohort.list_subjects(dataset)}
+    cached = cached_subjects(subjects, dataset["label_ids"], contract, contract.load_atlas())
+    return list(cached(source.split("train")))
