@@ -160,6 +160,47 @@ def _load_source_weights(net, source_ckpt: Path, k: int) -> dict:
     }
 
 
+def _starting_model(cfg, source_cfg, source_ckpt, init: str, k: int):
+    """The network fine-tuning starts from, the source weights loaded (refused if unusable).
+
+    Returns:
+        (the Lightning module, the start of ``transfer.json``'s record).
+    """
+    from subseg import transfer
+    from subseg.lit_module import SegmentationModule
+
+    recipe = as_dict(cfg.recipe)
+    dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
+    preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
+    module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
+    record = {"init": init, "n_images": k}
+    if init != "scratch":
+        record.update(_load_source_weights(module.net, source_ckpt, k))
+    return module, record
+
+
+def _evaluate(cfg, run: RunFolder, net, test_items, by_id, loggers, record: dict) -> dict:
+    """Publish the target test results of the fine-tuned model."""
+    summary = evaluation.publish(
+        run,
+        net,
+        test_items,
+        by_id,
+        loggers,
+        {
+            "checkpoint": str(run.checkpoint.relative_to(run.path)),
+            "n_images": record["n_images"],
+            "method": method_key(cfg),
+            **({"fit": record["fit"]} if "fit" in record else {}),
+        },
+    )
+    print(
+        f"subseg: {method_key(cfg)} on {cfg.dataset.name}: test mean Dice {summary['avg']:.3f} "
+        f"(wDSC {summary['wavg']:.3f}) over {summary['n_subjects']} subjects; run folder {run.path}"
+    )
+    return summary
+
+
 def _training_set(cfg, module, items, preset, recipe, record: dict):
     """Pool the training samples: cached frozen-layer features when the preset allows.
 
@@ -186,7 +227,7 @@ def _training_set(cfg, module, items, preset, recipe, record: dict):
     return pooled, (train_idx, val_idx)
 
 
-def _adapt(cfg, run: RunFolder, module, items: list, preset, record: dict):
+def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     """Fit the k images (reset layers re-initialised, frozen ones per the preset).
 
     Returns:
@@ -198,6 +239,7 @@ def _adapt(cfg, run: RunFolder, module, items: list, preset, record: dict):
     from subseg import transfer
     from subseg.lit_module import SegmentationModule
 
+    preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
     torch.manual_seed(int(cfg.seed))  # the reset layers' initialisation
     callbacks = []
     if cfg.init != "scratch":
@@ -257,22 +299,20 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     import lightning as L
 
-    from subseg import transfer
-    from subseg.lit_module import SegmentationModule
-
     run = RunFolder(run_dir)
     check_options(cfg)
     source_dir, source_cfg, source_ckpt, contract = _source_and_contract(cfg)
     init = "scratch" if cfg.init == "scratch" else str(source_ckpt)
     _check_run_folder(run, method_key(cfg), init)
-    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
+    dataset = as_dict(cfg.dataset)
     draw = _draw(cfg, dataset)
+    # Everything that can be refused is checked before the run folder is touched.
     subjects = check_cohort(dataset, {i for ids in draw.values() for i in ids})
-    inputs = {"source": cache.file_digest(source_ckpt)} if source_ckpt else {}
-    digest = run.begin(cfg, inputs)
+    L.seed_everything(int(cfg.seed), workers=True)
+    module, record = _starting_model(cfg, source_cfg, source_ckpt, init, len(draw["train"]))
+    digest = run.begin(cfg, {"source": cache.file_digest(source_ckpt)} if source_ckpt else {})
     if digest is None:
         return run.summary()
-    L.seed_everything(int(cfg.seed), workers=True)
     print(f"subseg: input: {contract.describe()}")
     run.write_environment(str(cfg.accelerator))
     splits, subjects, source, contract = prepare_run(cfg, run, subjects, draw, contract)
@@ -281,42 +321,19 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     run.write_contract(contract)
     by_id = {s.id: s for s in subjects}
     cached = cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
-    dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
-    preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
-    module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
-    k = len(splits["train"])
-    record = {"init": init, "n_images": k}
-    if init != "scratch":
-        record.update(_load_source_weights(module.net, source_ckpt, k))
-    if k == 0:  # No TL: the source model as is, saved by Lightning like any trained model
+    if record["n_images"] == 0:  # No TL: the source model as is, saved by Lightning
         fitting.save_untrained(run, module)
         net, loggers = module.net.eval(), ()
     else:
         items = list(cached(splits["train"]))
         if cfg.mix_source:  # the mixed baseline: source training images join the k target ones
             items += source_training_items(source_dir, source_cfg, contract)
-            record["mixed_source_images"] = len(items) - k
-        net, loggers = _adapt(cfg, run, module, items, preset, record)
-        if net is None:
+            record["mixed_source_images"] = len(items) - record["n_images"]
+        net, loggers = _adapt(cfg, run, module, items, record)
+        if net is None:  # a DDP rank other than the first: rank 0 writes the results
             return {}
     run.write_json(run.transfer_file, record)
-    summary = evaluation.publish(
-        run,
-        net,
-        cached(splits["test"]),
-        by_id,
-        loggers,
-        {
-            "checkpoint": str(run.checkpoint.relative_to(run.path)),
-            "n_images": k,
-            "method": method_key(cfg),
-            **({"fit": record["fit"]} if "fit" in record else {}),
-        },
-    )
-    print(
-        f"subseg: {method_key(cfg)} on {dataset['name']}: test mean Dice {summary['avg']:.3f} "
-        f"(wDSC {summary['wavg']:.3f}) over {summary['n_subjects']} subjects; run folder {run.path}"
-    )
+    summary = _evaluate(cfg, run, net, cached(splits["test"]), by_id, loggers, record)
     if cfg.evaluate_source and source_dir is not None:
         retained = _retention(cfg, net, source_dir, source_cfg, contract, run)
         if retained is not None:

@@ -94,28 +94,62 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     common = [f"paths.data_dir={cfg.paths.data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
     started = time.perf_counter()
-    timings = {}
+    source, timings = _source(cfg, out_dir, common)
+    folders, capped, more = _fine_tune_all(cfg, source, out_dir, common)
+    timings.update(more)
+    source_summary = source.summary()
+    if source_summary.get("fit", {}).get("stopped_by") == "max_time":
+        capped.insert(0, ("source", source_summary["fit"]))
+    runs = report.find_runs(folders)
+    methods = report.summarize_methods(runs, "no_tl")["methods"]
+    checked = findings(methods)
+    notes = _notes(checked, methods, source_summary, capped) + list(cfg.report_notes)
+    summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
+    summary["findings"] = checked
+    summary["capped"] = [name for name, _ in capped]
+    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    report.write_summary(summary, out_dir)
+    for note in notes[: len(checked)]:
+        print(f"subseg demo: {note}")
+    print(f"subseg demo: report in {out_dir / 'report.md'} ({summary['seconds']['total']:.0f} s)")
+    return summary
 
+
+def _source(cfg: DictConfig, out_dir: Path, common: list[str]) -> tuple[RunFolder, dict]:
+    """The source run: the one ``cfg.source_run`` names, a complete one reused, or trained now.
+
+    Returns:
+        (the complete source run folder, ``{"source": seconds}`` when it was trained now).
+    """
     source = RunFolder(cfg.source_run if cfg.source_run else out_dir / "runs" / "source")
     if cfg.source_run:
         source.require_complete()
         print(f"subseg demo: using the source run {source.path}")
-    else:
-        overrides = [*common, f"dataset={cfg.source.name}", *cfg.train_overrides]
-        train_cfg = _compose("train", overrides, source)
-        if source.is_complete(config_hash(train_cfg)):
-            print(f"subseg demo: reusing the source run {source.path} (complete, same config)")
-        else:
-            print("subseg demo: [source] training on the source cohort")
-            training.train(train_cfg, source.path)
-            timings["source"] = time.perf_counter() - started
+        return source, {}
+    overrides = [*common, f"dataset={cfg.source.name}", *cfg.train_overrides]
+    train_cfg = _compose("train", overrides, source)
+    if source.is_complete(config_hash(train_cfg)):
+        print(f"subseg demo: reusing the source run {source.path} (complete, same config)")
+        return source, {}
+    print("subseg demo: [source] training on the source cohort")
+    tick = time.perf_counter()
+    training.train(train_cfg, source.path)
+    return source, {"source": time.perf_counter() - tick}
 
+
+def _fine_tune_all(cfg: DictConfig, source: RunFolder, out_dir: Path, common: list[str]):
+    """Every method × draw of ``cfg`` as a fine-tuning run (complete ones are reused).
+
+    Returns:
+        (the run folders, [(name, fit record)] of runs the clock stopped, seconds per run).
+    """
     jobs = [
         (method, draw)
         for method in cfg.methods
         for draw in (cfg.get("draws") or {}).get(method, [0])
     ]
-    folders, capped = [], []
+    folders, capped, timings = [], [], {}
     for index, (method, draw) in enumerate(jobs, 1):
         name = method if draw == 0 else f"{method}_d{draw}"
         print(f"subseg demo: [{index}/{len(jobs)}] {name}")
@@ -139,20 +173,16 @@ def run(cfg: DictConfig) -> dict:
             capped.append((name, summary["fit"]))
         folders.append(run.path)
         timings[name] = time.perf_counter() - tick
+    return folders, capped, timings
 
-    source_summary = source.summary()
-    source_fit = source_summary.get("fit", {})
-    if source_fit.get("stopped_by") == "max_time":
-        capped.insert(0, ("source", source_fit))
-    runs = report.find_runs(folders)
-    summary = report.summarize_methods(runs, "no_tl")
-    checked = findings(summary["methods"])
+
+def _notes(checked: list[dict], methods: Mapping, source_summary: Mapping, capped) -> list[str]:
+    """The report's findings: each claim checked, the source's headroom, clock-capped runs."""
     notes = [finding_note(f) for f in checked]
-    source_avg = source_summary["avg"]
-    if "no_tl" in summary["methods"]:
+    if "no_tl" in methods:
         notes.append(
-            f"The source model scores {source_avg:.3f} on its own scanner's test scans and "
-            f"{summary['methods']['no_tl']['avg']:.3f} on the target's (No TL): the gap any "
+            f"The source model scores {source_summary['avg']:.3f} on its own scanner's test scans "
+            f"and {methods['no_tl']['avg']:.3f} on the target's (No TL): the gap any "
             "adaptation can close, besides the target rater's different boundaries."
         )
     notes += [
@@ -161,14 +191,4 @@ def run(cfg: DictConfig) -> dict:
         "machine's speed"
         for name, fit in capped
     ] or ["Every training run ended by its epoch budget or early stopping, not by the clock."]
-    notes += list(cfg.report_notes)
-    summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
-    summary["findings"] = checked
-    summary["capped"] = [name for name, _ in capped]
-    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-    summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
-    report.write_summary(summary, out_dir)
-    for note in notes[: len(checked)]:
-        print(f"subseg demo: {note}")
-    print(f"subseg demo: report in {out_dir / 'report.md'} ({summary['seconds']['total']:.0f} s)")
-    return summary
+    return notes

@@ -13,6 +13,18 @@ from subseg.preparation import cached_subjects, check_cohort, prepare_run
 from subseg.run_folder import RunFolder
 
 
+def _whole_volumes(cached, ids) -> list:
+    """Validation subjects for whole-volume Dice (none when the cohort holds none out)."""
+    from subseg.lit_module import VolumeSubject
+
+    return [
+        VolumeSubject(
+            item["id"], np.asarray(item["image"][0]), item["prior"], np.asarray(item["label"][0])
+        )
+        for item in (cached(ids) if ids else [])
+    ]
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train a network from scratch on a source cohort and evaluate it on the test split.
 
@@ -32,7 +44,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     import lightning as L
 
     from subseg import data
-    from subseg.lit_module import SegmentationModule, VolumeDice, VolumeSubject
+    from subseg.lit_module import SegmentationModule, VolumeDice
 
     run = RunFolder(run_dir)
     dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
@@ -53,12 +65,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     pooled = data.PatchDataset(samples)
     del samples  # the padded copies in ``pooled`` are all training needs
 
-    volume_subjects = [  # none when the cohort is too small to hold subjects out
-        VolumeSubject(
-            item["id"], np.asarray(item["image"][0]), item["prior"], np.asarray(item["label"][0])
-        )
-        for item in (cached(splits["val"]) if splits["val"] else [])
-    ]
+    volume_subjects = _whole_volumes(cached, splits["val"])
     module = SegmentationModule(dropout=float(recipe["dropout"]), lr=float(recipe["lr"]))
     best, trainer, fit = fitting.fit(
         cfg,
