@@ -22,8 +22,9 @@ from common import record
 from subseg import atlas, bias, inference, io, overlay, trained_model, transforms
 from subseg import contract as contracts
 from subseg.lit_module import SegmentationModule
+from subseg.run_folder import RunFolder
 
-DEMO_SOURCE = Path("outputs/demo/runs/source/checkpoints/best.ckpt")
+DEMO_SOURCE = RunFolder("outputs/demo/runs/source")
 
 
 def _peak_mb(who=resource.RUSAGE_SELF) -> float:
@@ -31,8 +32,8 @@ def _peak_mb(who=resource.RUSAGE_SELF) -> float:
 
 
 def _model(folder: Path) -> Path:
-    if DEMO_SOURCE.is_file():
-        return DEMO_SOURCE
+    if DEMO_SOURCE.is_complete():
+        return DEMO_SOURCE.checkpoint
     L.seed_everything(0)
     module = SegmentationModule(dropout=0.3, lr=1e-3)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
@@ -108,7 +109,7 @@ def main() -> None:
         "predict_one_scan_by_stage",
         {
             "compared": f"predict.py on one new 1 mm scan {image.data.shape} "
-            f"({'demo source model' if checkpoint == DEMO_SOURCE else 'untrained network'}; "
+            f"({'demo source model' if checkpoint == DEMO_SOURCE.checkpoint else 'untrained'}; "
             f"preprocess={preprocess['name']}, atlas={atlas_cfg['name']}, caches cold): "
             "the stages one by one vs the whole command in a fresh process",
             "seconds_by_stage": stages,

@@ -145,7 +145,11 @@ def _test_split(cfg: DictConfig, run: RunFolder | None, checkpoint: Path):
     upstream = (
         RunFolder.of(run_cfg["source_run"]) if run_cfg and run_cfg.get("source_run") else None
     )
-    if upstream is not None and upstream.config()["dataset"]["name"] == dataset["name"]:
+    if (
+        upstream is not None
+        and upstream.is_complete()
+        and (upstream.config()["dataset"]["name"] == dataset["name"])
+    ):
         return dataset, upstream.split("test")
     test_ids = dataset.get("test_ids")
     return dataset, None if test_ids is None else list(test_ids)
@@ -176,6 +180,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
     digest = out.begin(cfg, {"checkpoint": cache.file_digest(checkpoint)})
     if digest is None:
         return out.summary()
+    out.write_environment()
     print(f"subseg: input: {contract.describe()}")
     summary = evaluate_on(
         net,
@@ -186,7 +191,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
         {"checkpoint": str(checkpoint)},
         bool(cfg.get("segmentations")),
     )
-    out.finish("evaluate", digest)
+    out.finish("evaluate", digest, cfg)
     print(
         f"subseg: {dataset['name']}: mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f})"
         f" over {summary['n_subjects']} subjects; written to {out.path}"

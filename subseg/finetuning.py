@@ -175,6 +175,7 @@ def _starting_model(cfg, source_cfg, source_ckpt, init: str, k: int):
     module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
     record = {"init": init, "n_images": k}
     if init != "scratch":
+        record["source_sha256"] = cache.file_digest(source_ckpt)
         record.update(_load_source_weights(module.net, source_ckpt, k))
     return module, record
 
@@ -251,7 +252,7 @@ def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     )
     if best is None:
         return None, ()
-    record["frozen"] = sorted(n for n, p in module.net.named_parameters() if not p.requires_grad)
+    record["frozen"] = run.read_json(run.fit_file)["frozen"]
     net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
     return net, trainer.loggers
 
@@ -269,7 +270,7 @@ def _retention(cfg, net, source_dir: RunFolder, source_cfg, contract, run: RunFo
         )
     except Exception as exc:  # optional: a source run moved elsewhere lacks its data
         reason = io.find_input_error(exc) or (exc if isinstance(exc, OSError) else None)
-        if reason is None:
+        if reason is None or io.find_output_error(exc) is not None:  # a full disk is not optional
             raise
         print(f"subseg: source-domain evaluation skipped: {reason}", file=sys.stderr)
         return None
@@ -338,6 +339,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         retained = _retention(cfg, net, source_dir, source_cfg, contract, run)
         if retained is not None:
             summary["source_test"] = {"avg": retained["avg"], "wavg": retained["wavg"]}
+            run.write_json(run.summary_file, summary)  # a reused run reads back the same
             print(f"subseg: on the source cohort's test subjects: mean Dice {retained['avg']:.3f}")
-    run.finish("finetune", digest)
+    run.finish("finetune", digest, cfg)
     return summary

@@ -54,6 +54,8 @@ class RandomState(Callback):
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate(),
         }
+        if torch.cuda.is_available():
+            checkpoint["subseg_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: D102
         state = checkpoint.get("subseg_rng")
@@ -62,6 +64,8 @@ class RandomState(Callback):
             name, keys, pos, has_gauss, gauss = state["numpy"]
             np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
             random.setstate(state["python"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def loggers(cfg: DictConfig, run: RunFolder) -> list:
@@ -139,7 +143,8 @@ def fit(cfg, run: RunFolder, module, pooled, indices, recipe: Mapping, callbacks
     """Fit ``module`` on ``pooled`` samples with checkpointing and early stopping.
 
     With ``cfg.resume`` and a ``last.ckpt`` in the run, the fit continues from it (model,
-    optimiser, epoch, early-stopping state and random state).
+    optimiser, epoch, early-stopping state and random state); when the run's ``fit.json`` says
+    the fit had already ended, it is not fitted again.
 
     Returns:
         (the best checkpoint's path on the main process, ``None`` on the others (DDP);
@@ -159,10 +164,15 @@ def fit(cfg, run: RunFolder, module, pooled, indices, recipe: Mapping, callbacks
         )
 
     trainer, checkpoint, early = trainer_for(cfg, run, recipe, callbacks)
-    resume_from = run.last_checkpoint if cfg.get("resume") else None
-    if resume_from is not None and not resume_from.is_file():
+    resume = bool(cfg.get("resume"))
+    if resume and run.fit_file.is_file() and run.checkpoint.is_file():
+        # The fit had ended before the kill (in testing, say): fitting on from last.ckpt would
+        # train more epochs than the uninterrupted run (Lightning does not restore should_stop).
+        print(f"subseg: {run.path}: its fit had ended; continuing after it", file=sys.stderr)
+        return run.checkpoint, trainer, run.read_json(run.fit_file)["record"]
+    resume_from = run.last_checkpoint if resume and run.last_checkpoint.is_file() else None
+    if resume and resume_from is None:
         print(f"subseg: {run.path}: no last.ckpt to resume from: starting afresh", file=sys.stderr)
-        resume_from = None
     elif resume_from is not None:
         print(f"subseg: resuming {run.path} from {resume_from.name}", file=sys.stderr)
     train_idx, val_idx = indices
@@ -170,13 +180,14 @@ def fit(cfg, run: RunFolder, module, pooled, indices, recipe: Mapping, callbacks
     record = fit_record(trainer, early, recipe)
     if not trainer.is_global_zero:
         return None, trainer, record
-    best = checkpoint.best_model_path or checkpoint.last_model_path
-    if not best:
+    if not checkpoint.best_model_path:
         raise io.InputError(
             f"{run.path}: training stopped before its first validation (recipe.max_time="
             f"{recipe['max_time']}, recipe.max_epochs={recipe['max_epochs']}): no model to keep"
         )
-    return Path(best), trainer, record
+    frozen = sorted(n for n, p in module.net.named_parameters() if not p.requires_grad)
+    run.write_json(run.fit_file, {"record": record, "frozen": frozen})
+    return Path(checkpoint.best_model_path), trainer, record
 
 
 def fit_record(trainer, early, recipe: Mapping) -> dict:

@@ -2,7 +2,8 @@
 
 A batch is checked whole before any scan is segmented (readable scans, distinct output names).
 A scan that still fails while it is segmented is reported and skipped, the others finish, and
-``volumes.csv`` always lists exactly the segmentations on disk: it is rewritten after each scan.
+``volumes.csv`` lists exactly this batch's segmentations on disk: it is rewritten after each
+scan, and each scan's segmentation is the last of its files to be written.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def check_batch(files: list[Path]) -> None:
         io.load_image(path)  # one line naming the file on a bad one
 
 
-def _outputs(out_dir: Path, subject: str) -> list[Path]:
+def _outputs(out_dir: Path, scan: Path) -> list[Path]:
+    """The files a scan's segmentation writes."""
+    subject = cache.stem(scan)
     return [out_dir / f"{subject}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png")]
 
 
@@ -81,12 +84,6 @@ def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> li
     volume, prior = item["image"][0].numpy(), item["prior"]
     classes, probabilities = inference.segment(net, volume, prior, bool(cfg.postprocessing))
     sides.warn_sides(classes, image.affine, path)  # the paper's No-TL runs swapped sides
-    stored = label_protocol.map_to_raw(classes, cfg.raw_ids) if cfg.raw_ids else classes
-    io.save_like(
-        stored.astype(np.int16 if cfg.raw_ids else np.uint8),
-        image,
-        out_dir / f"{subject}_seg.nii.gz",
-    )
     if cfg.probabilities:
         full = np.zeros((*image.data.shape, label_protocol.NUM_CLASSES), np.float32)
         full[..., 0] = 1.0
@@ -99,6 +96,12 @@ def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> li
         image.spacing,
         out_dir / f"{subject}_qc.png",
         title=f"{subject}: subseg segmentation",
+    )
+    stored = label_protocol.map_to_raw(classes, cfg.raw_ids) if cfg.raw_ids else classes
+    io.save_like(  # the segmentation last: on disk, it comes with everything else
+        stored.astype(np.int16 if cfg.raw_ids else np.uint8),
+        image,
+        out_dir / f"{subject}_seg.nii.gz",
     )
     counts = np.bincount(classes.ravel(), minlength=label_protocol.NUM_CLASSES)
     return [
@@ -132,7 +135,8 @@ def predict(cfg: DictConfig) -> list[dict]:
     files = input_images(cfg.input)
     check_batch(files)
     io.ensure_writable(out_dir)
-    (out_dir / "failures.csv").unlink(missing_ok=True)
+    for stale in [out_dir / "failures.csv", *(p for f in files for p in _outputs(out_dir, f))]:
+        stale.unlink(missing_ok=True)  # an earlier batch's outputs of these scans
     print(f"subseg: input: {contract.describe()}")
     prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
     rows, failures = [], []
@@ -143,7 +147,7 @@ def predict(cfg: DictConfig) -> list[dict]:
             if io.find_output_error(exc) is not None:  # a full disk fails every scan: stop
                 raise
             reason = io.find_input_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
-            for partial in _outputs(out_dir, cache.stem(path)):
+            for partial in _outputs(out_dir, path):
                 partial.unlink(missing_ok=True)
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)

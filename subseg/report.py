@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from subseg import environment, io, metrics, stats
+from subseg import cache, environment, io, metrics, stats
 from subseg.labels import STRUCTURES
 from subseg.run_folder import RunFolder
 
@@ -80,7 +80,9 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
     runs, skipped = [], []
     for root in map(Path, paths):
         found = {p.parent for p in root.rglob(RunFolder.MARKER)}
-        found |= {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name == ".hydra"}
+        found |= {
+            p.parent.parent for p in root.rglob("config.yaml") if RunFolder.of(p.parent.parent)
+        }
         for folder in sorted(found):
             run = RunFolder(folder)
             if folder == RunFolder(folder.parent).source_test.path:  # part of its parent run
@@ -123,9 +125,16 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 def _source_model_metrics(run: RunFolder) -> Path:
     """The test metrics of the complete source run a fine-tuning run started from."""
-    init = run.read_json(run.transfer_file).get("init", "")
+    transfer = run.read_json(run.transfer_file)
+    init = transfer.get("init", "")
     source = RunFolder.of(init) if init and init != "scratch" else None
-    if source is not None and source.is_complete():
+    if (
+        source is not None
+        and source.is_complete()
+        and source.checkpoint.is_file()
+        # the same model No TL evaluated, not one trained again since in the same folder
+        and cache.file_digest(source.checkpoint) == transfer.get("source_sha256")
+    ):
         return source.metrics_file
     return run.source_test.metrics_file  # absent: no retention row
 

@@ -16,7 +16,9 @@ The layout (no other module spells these paths)::
     <run>/summary.json            Avg, wAvg, per-structure Dice, how the fit ended
     <run>/source_test/            the same two files on the source cohort's test subjects
     <run>/segmentations/          test segmentations (evaluate.py segmentations=true)
-    <run>/complete.json           written last: the run finished (with its config hash)
+    <run>/started.json            the config hash a run started with (resume checks it)
+    <run>/fit.json                how the fit ended, written as soon as it ends
+    <run>/complete.json           written last: the run finished (config hash and config)
 
 A run is complete only when ``complete.json`` exists, and it is written after every other file:
 a killed run, or one still running, has none, and every reader (a source run for fine-tuning,
@@ -43,7 +45,11 @@ from subseg import environment, io
 from subseg.contract import LOCAL_KEYS, InputContract, as_dict
 
 UNHASHED_KEYS = ("resume", "num_workers", "logger", "paths")
-"""Config keys that change where or how a run is made, never its result: outside the hash."""
+"""Config keys that change where or how a run is made, never its result: outside the hash.
+
+Paths the config resolves from them (a dataset's ``root``) stay in: a cohort moved elsewhere is
+treated as another cohort and its runs are redone.
+"""
 
 
 def config_hash(cfg, inputs: Mapping | None = None) -> str:
@@ -70,9 +76,13 @@ def config_hash(cfg, inputs: Mapping | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+"""Where launchers put a process's rank (Lightning's DDP, torchrun, SLURM's srun)."""
+
+
 def _first_process() -> bool:
-    """False in the processes Lightning's DDP relaunches (they set a non-zero rank)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK"))
+    """False in every process but the first of a distributed job (any launcher)."""
+    return all(os.environ.get(k, "0") == "0" for k in RANK_VARIABLES)
 
 
 def write_metrics(rows: Iterable[Mapping], columns: list[str], path: Path) -> None:
@@ -92,7 +102,6 @@ class RunFolder:
 
     CONTRACT = "preprocessing.json"
     MARKER = "complete.json"
-    RESULTS = ("metrics.csv", "summary.json")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -176,6 +185,16 @@ class RunFolder:
         return RunFolder(self.path / "source_test")
 
     @property
+    def started_file(self) -> Path:
+        """The config hash the run started with: a resume must have the same."""
+        return self.path / "started.json"
+
+    @property
+    def fit_file(self) -> Path:
+        """How the fit ended (:func:`subseg.fitting.fit_record`), written as soon as it ends."""
+        return self.path / "fit.json"
+
+    @property
     def marker_file(self) -> Path:
         """Written last: the run is complete."""
         return self.path / self.MARKER
@@ -214,11 +233,17 @@ class RunFolder:
         return None
 
     def config(self) -> dict:
-        """The run's composed config.
+        """The run's composed config: for a complete run, the one its results were made with.
+
+        Hydra rewrites ``.hydra/config.yaml`` whenever a command names this folder, even one
+        refused before it starts; the completion marker keeps the config of the results.
 
         Raises:
             io.InputError: the folder has no ``.hydra/config.yaml``.
         """
+        snapshot = (self.completion() or {}).get("config")
+        if snapshot is not None:
+            return snapshot
         if not self.config_file.is_file():
             raise io.InputError(f"{self.path}: not a subseg run folder (no .hydra/config.yaml)")
         return as_dict(OmegaConf.load(self.config_file))
@@ -299,11 +324,6 @@ class RunFolder:
         self.require_complete()
         return json.loads(self.summary_file.read_text())
 
-    def metrics(self) -> list[dict]:
-        """The rows of ``metrics.csv`` of a complete run (or of its ``source_test``)."""
-        with open(self.metrics_file, newline="") as f:
-            return list(csv.DictReader(f))
-
     def write_json(self, path: Path, record: Mapping) -> None:
         """Write one of this folder's JSON files atomically."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,8 +382,6 @@ class RunFolder:
         """
         digest = config_hash(cfg, inputs)
         io.ensure_writable(self.path)  # one line now, not a traceback from deep in a writer
-        if not _first_process():  # DDP's relaunched ranks: rank 0 owns the folder
-            return digest
         if self.is_complete(digest):
             print(
                 f"subseg: {self.path}: already complete with this configuration; skipped "
@@ -371,7 +389,17 @@ class RunFolder:
                 file=sys.stderr,
             )
             return None
-        self.start(resume=bool(cfg.get("resume")))
+        resume = bool(cfg.get("resume"))
+        started = self.read_json(self.started_file).get("config_hash")
+        if resume and started not in (None, digest):
+            raise io.InputError(
+                f"{self.path}: was started with another configuration; resume=true would mix "
+                "the two (drop resume=true to start afresh, or give this run another name=)"
+            )
+        if not _first_process():  # DDP's relaunched ranks: rank 0 owns the folder
+            return digest
+        self.start(resume=resume)
+        self.write_json(self.started_file, {"config_hash": digest})
         return digest
 
     def start(self, resume: bool = False) -> None:
@@ -394,6 +422,8 @@ class RunFolder:
         ]
         if not resume:
             results += [
+                self.started_file,
+                self.fit_file,
                 self.checkpoints_dir,
                 self.logs_dir,
                 self.splits_file,
@@ -407,11 +437,18 @@ class RunFolder:
                 path.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def finish(self, task: str, config_hash_: str) -> None:
-        """Write the completion marker: the last file of every run."""
+    def finish(self, task: str, config_hash_: str, cfg=None) -> None:
+        """Write the completion marker: the last file of every run.
+
+        Args:
+            task: ``train``, ``finetune`` or ``evaluate``.
+            config_hash_: what :meth:`begin` returned.
+            cfg: the run's config, kept in the marker (see :meth:`config`).
+        """
         record = {
             "task": task,
             "config_hash": config_hash_,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": as_dict(cfg),
         }
         self.write_json(self.marker_file, record)

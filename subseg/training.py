@@ -87,7 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         trainer.loggers,
         {"checkpoint": str(best.resolve().relative_to(run.path.resolve())), "fit": fit},
     )
-    run.finish("train", digest)
+    run.finish("train", digest, cfg)
     print(
         f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "
         f"{summary['n_subjects']} subjects; run folder {run.path}"

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from subseg import evaluation, finetuning, fitting, io, prediction, report, sides, training
-from subseg.contract import InputContract, default_preset
+from subseg.contract import InputContract
 from subseg.lit_module import SegmentationModule
 from subseg.run_folder import RunFolder
 
@@ -53,9 +53,8 @@ def model(good_cohort, tmp_path_factory):
     OmegaConf.save(cfg, run.config_file)
     torch.manual_seed(0)
     fitting.save_untrained(run, SegmentationModule(dropout=0.3, lr=1e-3))
-    run.write_contract(
-        InputContract(default_preset("preprocess"), {"kind": "none", "name": "none"})
-    )
+    none = {"kind": "none", "name": "none"}
+    run.write_contract(InputContract(none, none))
     run.splits_file.write_text(
         '{"dataset": "folder", "train": [], "val": [], "test": ["t000", "t001", "t002"]}'
     )
@@ -275,9 +274,15 @@ def test_an_unwritable_output_folder_is_one_line_everywhere(model, good_cohort, 
     train_cfg = _compose(
         "train", "dataset=folder", f"dataset.root={good_cohort}", "preprocess=none", "atlas=none"
     )
+    finetune_cfg = _compose(
+        "finetune", "dataset=folder", f"dataset.root={good_cohort}", f"source_run={model.path}"
+    )
+    evaluate_cfg = _compose("evaluate", f"run_dir={model.path}")
     for call, folder in (
         (lambda: prediction.predict(predict_cfg), blocker / "pred"),
         (lambda: training.train(train_cfg, blocker / "run"), blocker / "run"),
+        (lambda: finetuning.finetune(finetune_cfg, blocker / "tuned"), blocker / "tuned"),
+        (lambda: evaluation.evaluate(evaluate_cfg, blocker / "evaluated"), blocker / "evaluated"),
         (lambda: report.write_report([], blocker / "report"), blocker / "report"),
     ):
         assert _fails(capsys, call) == (
@@ -295,7 +300,7 @@ def test_the_report_refuses_folders_without_complete_runs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["unknown extra ids", "sides exchanged"])
-def test_suspicious_labels_warn_naming_the_file_and_the_run_goes_on(
+def test_suspicious_labels_warn_at_load_naming_the_file(
     case, good_cohort, tmp_path, caplog, monkeypatch
 ):
     root = tmp_path / "cohort"

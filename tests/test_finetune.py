@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from subseg import finetuning, io, trained_model
+from subseg.run_folder import RunFolder
 
 SOURCE = [
     "dataset=synth_tiny_source",
@@ -251,6 +252,21 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
     first = json.loads((sweep / made[0] / "splits.json").read_text())["train"]
     second = json.loads((sweep / made[1] / "splits.json").read_text())["train"]
     assert set(first) < set(second)  # nested draws: TL-1 ⊂ TL-2
+
+    # The same sweep again: both points are complete with the same config, so both are skipped.
+    markers = [RunFolder(sweep / name).marker_file.read_text() for name in made]
+    again = _run(
+        "finetune.py",
+        "-m",
+        *TARGET,
+        *paths,
+        f"source_run={source}",
+        "target.n_images=1,2",
+        "evaluate_source=false",
+        cwd=root,
+    )
+    assert again.stderr.count("already complete with this configuration; skipped") == 2
+    assert [RunFolder(sweep / name).marker_file.read_text() for name in made] == markers
 
     result = subprocess.run(
         [

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from subseg import io, metrics, report, stats
+from subseg import cache, io, metrics, report, stats
 from subseg.labels import STRUCTURES
 from subseg.run_folder import RunFolder
 
@@ -46,10 +46,12 @@ def test_report_table_statistics_and_figures(tmp_path):
     # No TL is the source model: its retention row is the source run's own test metrics.
     source = _run_folder(tmp_path, "source", 0, 0, {"s1": 0.8})
     (source / "splits.json").write_text(json.dumps({"train": [], "val": [], "test": ["s1"]}))
+    model = RunFolder(source).checkpoint
+    model.parent.mkdir()
+    model.write_bytes(b"the source model")
     no_tl = _run_folder(runs, "no_tl", 0, 0, {s: 0.5 for s in subjects})
-    (no_tl / "transfer.json").write_text(
-        json.dumps({"init": str(source / "checkpoints/best.ckpt")})
-    )
+    record = {"init": str(model), "source_sha256": cache.file_digest(model)}
+    RunFolder(no_tl).transfer_file.write_text(json.dumps(record))
     for draw in (0, 1):
         _run_folder(runs, "tl1", 1, draw, {s: 0.7 + 0.01 * draw for s in subjects[1:]})
         _run_folder(runs, "tl2", 2, draw, {s: 0.75 for s in subjects[2:]}, source={"s1": 0.7})
@@ -161,3 +163,18 @@ def test_report_says_how_many_subjects_a_structure_averages(tmp_path):
     table = {r["structure"]: r["tl1"] for r in report.table_rows(report.summarize_methods([run]))}
     assert table["left_accumbens"].endswith("(1 of 2)")
     assert table["right_accumbens"] == "0.800 ± 0.000"
+
+
+def test_no_tl_retention_is_dropped_when_the_source_was_trained_again(tmp_path):
+    source = _run_folder(tmp_path, "source", 0, 0, {"s1": 0.8})
+    model = RunFolder(source).checkpoint
+    model.parent.mkdir()
+    model.write_bytes(b"the source model")
+    no_tl = _run_folder(tmp_path / "runs", "no_tl", 0, 0, {"t1": 0.5})
+    record = {"init": str(model), "source_sha256": cache.file_digest(model)}
+    RunFolder(no_tl).transfer_file.write_text(json.dumps(record))
+    (run,) = report.find_runs([tmp_path / "runs"])
+    assert run.source_rows  # the source's own test metrics: No TL's retention row
+    model.write_bytes(b"a source model trained again since")
+    (run,) = report.find_runs([tmp_path / "runs"])
+    assert not run.source_rows  # its metrics are another model's now

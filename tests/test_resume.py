@@ -31,14 +31,14 @@ import lightning
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
-from subseg import finetuning, training
+from subseg import evaluation, finetuning, training
 
 conf_dir, task, run_dir, kill_epoch, kill_batch, *overrides = sys.argv[1:] or [""] * 5
 
 
 class KillHere(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if (trainer.current_epoch, batch_idx) == (int(kill_epoch), int(kill_batch)):
+        if (str(trainer.current_epoch), str(batch_idx)) == (kill_epoch, kill_batch):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -49,8 +49,14 @@ def with_kill(self, *args, callbacks=(), **kwargs):
     plain_init(self, *args, callbacks=[*callbacks, KillHere()], **kwargs)
 
 
+def killed_in_testing(*args, **kwargs):  # after the fit, before the results
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 if __name__ == "__main__":  # worker pools re-import this file
     lightning.Trainer.__init__ = with_kill
+    if kill_epoch == "testing":
+        evaluation.publish = killed_in_testing
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose(task, overrides=overrides)
     (Path(run_dir) / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra records a run
@@ -169,6 +175,15 @@ def test_the_same_train_and_finetune_twice_give_identical_summaries(runs, tmp_pa
         done = _drive(root, "finetune", run.path, target)
         assert done.returncode == 0, done.stderr[-3000:]
     assert tuned[0].summary_file.read_text() == tuned[1].summary_file.read_text()
+
+    # Killed after its fit ended (while testing): resumed, it is not fitted again.
+    killed = RunFolder(tmp_path / "tl1_killed")
+    cut = _drive(root, "finetune", killed.path, target, kill=("testing", 0))
+    assert cut.returncode == -9 and killed.fit_file.is_file() and not killed.is_complete()
+    done = _drive(root, "finetune", killed.path, [*target, "resume=true"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "its fit had ended; continuing after it" in done.stderr
+    assert killed.summary_file.read_text() == tuned[0].summary_file.read_text()
 
     # Run again with the same config: complete already, so nothing is redone or rewritten.
     marker = tuned[0].marker_file.read_text()

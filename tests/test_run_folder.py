@@ -119,8 +119,43 @@ def test_starting_a_run_clears_its_marker_and_old_results_first(tmp_path):
 def test_the_config_hash_ignores_where_and_how_fast(tmp_path):
     from subseg.run_folder import config_hash
 
-    base = _cfg("finetune", "source_run=x")
-    same = _cfg("finetune", "source_run=x", "resume=true", "num_workers=2", "logger=csv")
-    other = _cfg("finetune", "source_run=x", "seed=1")
-    assert config_hash(base) == config_hash(same) != config_hash(other)
+    base = _cfg("finetune", "source_run=x", "preprocess=n4", "atlas=harvard_oxford")
+    same = _cfg(
+        "finetune",
+        "source_run=x",
+        "preprocess=n4",
+        "atlas=harvard_oxford",
+        "resume=true",
+        "num_workers=2",
+        "logger=csv",
+        "++atlas.cache_dir=/elsewhere",
+        "++atlas.registration.threads=7",
+        "++preprocess.threads=3",
+    )
+    assert config_hash(base) == config_hash(same)
+    for change in ("seed=1", "recipe.lr=0.5", "target.n_images=2", "dataset=synth_tiny_source"):
+        changed = _cfg("finetune", "source_run=x", "preprocess=n4", "atlas=harvard_oxford", change)
+        assert config_hash(changed) != config_hash(base), change
     assert config_hash(base, {"source": "a"}) != config_hash(base, {"source": "b"})
+
+
+def test_resume_refuses_a_run_started_with_another_configuration(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    first = _cfg("finetune", "source_run=x", "resume=true")
+    digest = run.begin(first)
+    assert run.read_json(run.started_file) == {"config_hash": digest}
+    run.last_checkpoint.parent.mkdir()
+    run.last_checkpoint.write_bytes(b"killed here")
+    assert run.begin(first) == digest and run.last_checkpoint.is_file()  # kept to resume from
+    with pytest.raises(io.InputError, match="was started with another configuration"):
+        run.begin(_cfg("finetune", "source_run=x", "resume=true", "recipe.lr=0.5"))
+    assert run.last_checkpoint.is_file()  # refused before anything was cleared
+    run.begin(_cfg("finetune", "source_run=x", "recipe.lr=0.5"))  # afresh: no resume
+    assert not run.last_checkpoint.exists()
+
+
+def test_a_complete_run_keeps_the_config_of_its_results(tmp_path):
+    run = _run(tmp_path)
+    run.finish("train", "0" * 16, {"task": "train", "seed": 3})
+    run.config_file.write_text("task: train\nseed: 99\n")  # Hydra, for a command then refused
+    assert run.config()["seed"] == 3
