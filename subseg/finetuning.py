@@ -149,10 +149,6 @@ def _load_source_weights(net, source_ckpt: Path, k: int) -> dict:
             f"{source_ckpt}: lacks {', '.join(loaded['missing'][:3])}…: No TL would evaluate "
             "layers at their random initialisation"
         )
-    print(
-        f"subseg: loaded {len(loaded['copied'])} tensors from {source_ckpt}; skipped "
-        f"{loaded['skipped'] or 'none'}; left at initialisation {loaded['missing'] or 'none'}"
-    )
     return {
         "copied": len(loaded["copied"]),
         "skipped": loaded["skipped"],
@@ -315,6 +311,11 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     if digest is None:
         return run.summary()
     print(f"subseg: input: {contract.describe()}")
+    if "copied" in record:
+        print(
+            f"subseg: loaded {record['copied']} tensors from {source_ckpt}; skipped "
+            f"{record['skipped'] or 'none'}; left at initialisation {record['missing'] or 'none'}"
+        )
     run.write_environment(str(cfg.accelerator))
     splits, subjects, source, contract = prepare_run(cfg, run, subjects, draw, contract)
     if cfg.intensity == "nyul" and contract.landmarks is None:
