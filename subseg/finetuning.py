@@ -204,8 +204,6 @@ def _training_set(cfg, module, items, preset, recipe, record: dict):
     Returns:
         (the dataset, (train indices, validation indices)).
     """
-    import torch
-
     from subseg import data, transfer
 
     rng = np.random.default_rng(int(cfg.seed))
@@ -213,11 +211,7 @@ def _training_set(cfg, module, items, preset, recipe, record: dict):
     scratch = cfg.init == "scratch"
     record["cached_features"] = not scratch and transfer.caches_conv_features(module.net, preset)
     if record["cached_features"]:
-        pooled = data.FeatureDataset(
-            torch.cat([transfer.conv_features_of(module.net, s) for s in samples]),
-            torch.cat([s.prior for s in samples]),
-            torch.cat([s.targets for s in samples]),
-        )
+        pooled = transfer.feature_dataset(module.net, samples)
     else:
         pooled = data.PatchDataset(samples)
     record["samples"] = {"train": len(train_idx), "val": len(val_idx)}

@@ -224,3 +224,22 @@ def conv_features_of(net: SubcorticalNet, samples: SubjectSamples) -> torch.Tens
     rows = torch.full(roi.shape, -1, dtype=torch.long)
     rows[roi] = torch.arange(int(roi.sum()))
     return features[rows[tuple(coords.T)]]
+
+
+def feature_dataset(net, samples):
+    """The samples as frozen conv features (computed once) for training the layers after them.
+
+    Args:
+        net: the network whose frozen conv stacks compute the features.
+        samples: :class:`subseg.data.SubjectSamples` of every subject.
+
+    Returns:
+        A :class:`subseg.data.FeatureDataset`.
+    """
+    from subseg import data
+
+    return data.FeatureDataset(
+        torch.cat([conv_features_of(net, s) for s in samples]),
+        torch.cat([s.prior for s in samples]),
+        torch.cat([s.targets for s in samples]),
+    )

@@ -236,16 +236,15 @@ def test_finetune_options_are_checked_in_one_line(tmp_path, overrides, message):
 @pytest.mark.slow
 def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_run):
     root, paths, source = source_run
-    _run(
-        "finetune.py",
+    sweep_args = [
         "-m",
         *TARGET,
         *paths,
         f"source_run={source}",
         "target.n_images=1,2",
         "evaluate_source=false",
-        cwd=root,
-    )
+    ]
+    _run("finetune.py", *sweep_args, cwd=root)
     sweep = root / "out" / "finetune"
     made = sorted(p.name for p in sweep.glob("synth_tiny_target_k[12]_d0_source_paper_zscore"))
     assert len(made) == 2
@@ -255,16 +254,7 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
 
     # The same sweep again: both points are complete with the same config, so both are skipped.
     markers = [RunFolder(sweep / name).marker_file.read_text() for name in made]
-    again = _run(
-        "finetune.py",
-        "-m",
-        *TARGET,
-        *paths,
-        f"source_run={source}",
-        "target.n_images=1,2",
-        "evaluate_source=false",
-        cwd=root,
-    )
+    again = _run("finetune.py", *sweep_args, cwd=root)
     assert again.stderr.count("already complete with this configuration; skipped") == 2
     assert [RunFolder(sweep / name).marker_file.read_text() for name in made] == markers
 

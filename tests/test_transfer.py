@@ -113,11 +113,7 @@ def _one_epoch(cached: bool):
     transfer.reset_layers(module.net, preset)
     samples = [_tiny_samples(0), _tiny_samples(1)]
     if cached:
-        pooled = data.FeatureDataset(
-            torch.cat([transfer.conv_features_of(module.net, s) for s in samples]),
-            torch.cat([s.prior for s in samples]),
-            torch.cat([s.targets for s in samples]),
-        )
+        pooled = transfer.feature_dataset(module.net, samples)
     else:
         pooled = data.PatchDataset(samples)
     train_idx, val_idx = data.split_indices(len(pooled), 0.25, np.random.default_rng(0))
