@@ -9,6 +9,7 @@ file renamed into place so that an interrupted run never leaves a half-written N
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import os
 import sys
@@ -33,15 +34,20 @@ USER_ERRORS = (InputError, label_protocol.LabelSpecError)
 """Errors caused by a user's files or settings: reported as one line, never as a traceback."""
 
 
-def find_input_error(exc: BaseException | None) -> ValueError | None:
-    """Return the user error (:data:`USER_ERRORS`) behind ``exc`` — MONAI wraps them — if any."""
+def _behind(exc: BaseException | None, wanted) -> BaseException | None:
+    """The first exception in ``exc``'s chain (causes and contexts) that ``wanted`` accepts."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, USER_ERRORS):
+        if wanted(exc):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def find_input_error(exc: BaseException | None) -> ValueError | None:
+    """Return the user error (:data:`USER_ERRORS`) behind ``exc`` — MONAI wraps them — if any."""
+    return _behind(exc, lambda e: isinstance(e, USER_ERRORS))
 
 
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -50,13 +56,7 @@ OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 def find_output_error(exc: BaseException | None) -> OSError | None:
     """The failure to write (:data:`OUTPUT_ERRNOS`) behind ``exc``, if any (libraries wrap it)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return _behind(exc, lambda e: isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS)
 
 
 def ensure_writable(folder: str | os.PathLike) -> Path:
@@ -268,6 +268,26 @@ def load_label(
         classes = label_protocol.map_to_classes(volume.data, protocol)
         sides.warn_label(path, present, classes, volume.affine, protocol)
     return volume
+
+
+def write_csv(rows, columns, path: str | os.PathLike, atomic: bool = True) -> Path:
+    """Write dict rows as a CSV file with the given columns.
+
+    Args:
+        rows: the rows (mappings from column to value).
+        columns: the header, in order.
+        path: the file.
+        atomic: through a temporary file renamed into place (``False`` when ``path`` already is
+            one, from :func:`atomic_path`).
+    """
+    path = Path(path)
+    with contextlib.ExitStack() as stack:
+        target = stack.enter_context(atomic_path(path)) if atomic else path
+        with open(target, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ scan, and each scan's segmentation is the last of its files to be written.
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -67,13 +66,6 @@ def _outputs(out_dir: Path, scan: Path) -> list[Path]:
     """The files a scan's segmentation writes."""
     subject = cache.stem(scan)
     return [out_dir / f"{subject}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png")]
-
-
-def _write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> list[dict]:
@@ -151,11 +143,11 @@ def predict(cfg: DictConfig) -> list[dict]:
                 partial.unlink(missing_ok=True)
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)
-        _write_csv(rows, VOLUME_COLUMNS, out_dir / "volumes.csv")
+        io.write_csv(rows, VOLUME_COLUMNS, out_dir / "volumes.csv")
     done = len(files) - len(failures)
     print(f"subseg: {done} of {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")
     if failures:
-        _write_csv(failures, FAILURE_COLUMNS, out_dir / "failures.csv")
+        io.write_csv(failures, FAILURE_COLUMNS, out_dir / "failures.csv")
         raise io.InputError(
             f"{out_dir}: {len(failures)} of {len(files)} scans failed and were skipped "
             f"(listed in failures.csv; first: {failures[0]['scan']})"

@@ -418,10 +418,7 @@ def write_report(
     summary["runs"] = {str(r.folder): r.method for r in runs}
     summary["software"] = software(runs)
     rows = table_rows(summary)
-    with io.atomic_path(out_dir / "report.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["structure", *summary["methods"]])
-        writer.writeheader()
-        writer.writerows(rows)
+    io.write_csv(rows, ["structure", *summary["methods"]], out_dir / "report.csv")
     write_summary(summary, out_dir)
     with io.atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(markdown(summary, title, notes))

@@ -29,14 +29,13 @@ files.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -83,14 +82,6 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID
 def _first_process() -> bool:
     """False in every process but the first of a distributed job (any launcher)."""
     return all(os.environ.get(k, "0") == "0" for k in RANK_VARIABLES)
-
-
-def write_metrics(rows: Iterable[Mapping], columns: list[str], path: Path) -> None:
-    """Write rows as a CSV file atomically (a temporary file renamed)."""
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 class RunFolder:
@@ -312,7 +303,7 @@ class RunFolder:
             io.atomic_path(self.metrics_file) as metrics_tmp,
             io.atomic_path(self.summary_file) as summary_tmp,
         ):
-            write_metrics(rows, columns, metrics_tmp)
+            io.write_csv(rows, columns, metrics_tmp, atomic=False)
             summary_tmp.write_text(json.dumps(dict(summary), indent=2))
 
     def summary(self) -> dict:
