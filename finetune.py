@@ -4,12 +4,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from subseg import finetuning, io
+from subseg import finetuning, io, job_threads, start_method
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
     """Fine-tune a source model on k target images and evaluate it on the rest."""
+    job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
+    start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
     with io.cli_errors():
         finetuning.finetune(cfg, HydraConfig.get().runtime.output_dir)
 

@@ -3,12 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import io, prediction
+from subseg import io, job_threads, prediction, start_method
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Segment every input T1 and report structure volumes."""
+    job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
+    start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
     with io.cli_errors():
         prediction.predict(cfg)
 

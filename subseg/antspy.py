@@ -18,12 +18,14 @@ def load(threads: int = 0):
     """Import ANTsPy with ITK's thread count set (ITK reads it once, when the library loads).
 
     Args:
-        threads: ITK threads; 0 = every core this process may use (a SLURM allocation, not
-            every core the machine has).
+        threads: ITK threads; 0 = this job's share of the cores it may use (a SLURM
+            allocation, not every core the machine has; shared among a launcher's parallel
+            jobs: :func:`subseg.job_threads.share`).
     """
     if "ants" not in sys.modules:
-        cores = len(os.sched_getaffinity(0))
-        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads or cores)
+        from subseg import job_threads
+
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(job_threads.share(threads))
     import ants
 
     return ants
@@ -71,12 +73,15 @@ def map_in_processes(
         description: the progress bar's text.
         initializer: run once in each worker, after ITK is set to one thread.
         initargs: its arguments.
-        workers: processes (default: one per core this process may use).
+        workers: processes (default: one per core of this job's share,
+            :func:`subseg.job_threads.share`).
         progress_bar: show a progress bar.
     """
     if not arguments:  # everything cached: no progress bar sitting at 0 %
         return
-    workers = max(1, min(len(arguments), workers or len(os.sched_getaffinity(0))))
+    from subseg import job_threads
+
+    workers = max(1, min(len(arguments), workers or job_threads.share()))
     if workers == 1:
         if initializer is not None:
             initializer(*initargs)

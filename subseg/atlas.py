@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -567,6 +568,8 @@ def ensure_priors(
         for p in image_paths
         if cache.load_entry(*cache_folder(Path(p), cfg, source, preprocess)) is None
     ]
+    for path, _, _ in todo:  # one line per scan (Hydra prints INFO): what a run recomputed
+        logging.getLogger("subseg").info("atlas registration (%s): %s", source.name, path)
     antspy.map_in_processes(
         _prior_of_file,
         todo,

@@ -14,6 +14,7 @@ are already corrected. The corrected volume is computed once per scan and cached
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,6 +167,8 @@ def ensure_corrected(
         for p in image_paths
         if cache.load_entry(*_entry(Path(p), cfg, settings)) is None
     ]
+    for path, _ in todo:  # one line per scan (Hydra prints INFO): what a run recomputed
+        logging.getLogger("subseg").info("bias-field correction (N4): %s", path)
     antspy.map_in_processes(_correct_file, todo, "bias-field correction (N4)", workers=workers)
     return len(todo)
 

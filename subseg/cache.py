@@ -72,8 +72,10 @@ def publish(
 ) -> None:
     """Write a cache entry (NIfTI files + manifest) privately, then rename it into place whole.
 
-    Concurrent writers (DDP ranks, parallel sweeps) each stage their own folder; the first
-    rename wins and the others are dropped, so an entry is never a mixture of two writers.
+    Concurrent writers (parallel sweep jobs on an empty cache) each stage their own folder and
+    rename it into place whole; a later writer replaces an earlier one's identical entry, and a
+    reader in between finds no whole entry and rebuilds it. Work may be repeated, but an entry
+    is never a mixture of two writers.
 
     Args:
         folder: the entry's folder.

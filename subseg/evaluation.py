@@ -55,24 +55,42 @@ def evaluate_subjects(
 
 
 def publish(
-    run: RunFolder, net, test_items, by_id, loggers=(), extra=None, segmentations=False
+    run: RunFolder, net, cached, ids, by_id, loggers=(), extra=None, segmentations=False
 ) -> dict:
     """Evaluate on the test subjects and write the run's results.
 
-    ``metrics.csv`` and ``summary.json`` are published together; the learning curve is drawn
-    from the run's log; W&B loggers get a few overlays and the per-structure Dice.
+    In a DDP job every rank segments its share of the subjects and the per-subject metrics are
+    gathered; the first rank writes ``metrics.csv`` and ``summary.json`` (together), the learning
+    curve from the run's log, and sends W&B loggers a few overlays, the per-structure Dice and
+    the run summary (:func:`subseg.dashboard.publish_summary`).
+
+    Args:
+        run: the run folder.
+        net: the network, in eval mode.
+        cached: subject ids → their prepared items (:func:`subseg.preparation.cached_subjects`).
+        ids: the test subjects.
+        by_id: subject id → :class:`subseg.cohort.Subject`.
+        loggers: the fit's Lightning loggers.
+        extra: more entries for ``summary.json``.
+        segmentations: also write each segmentation to the run's ``segmentations/``.
 
     Returns:
-        The summary.
+        The summary (on every rank).
     """
-    rows = evaluate_subjects(
-        net,
-        [(by_id[item["id"]], item) for item in test_items],
-        run.qc_dir,
-        run.segmentations_dir if segmentations else None,
-    )
+    from subseg import dashboard, sharding
+
+    rank, world = sharding.world()
+    mine = sharding.shard(list(ids), rank, world)
+    seg_dir = run.segmentations_dir if segmentations else None
+    rows = [
+        evaluate_subjects(net, [(by_id[item["id"]], item)], run.qc_dir, seg_dir)
+        for item in (cached(mine) if mine else [])
+    ]
+    rows = [row for subject in sharding.gather_shards(rows, world) for row in subject]
     summary = metrics.summarize(rows)
     summary.update(extra or {})
+    if rank != 0:
+        return summary
     run.publish_results(rows, list(metrics.COLUMNS), summary)
     if run.log_file.is_file():
         figures.learning_curve(run.log_file, run.learning_curve_file)
@@ -83,6 +101,7 @@ def publish(
             logger.log_metrics(
                 {f"test/dice_{k}": v["mean"] for k, v in summary["per_structure"].items()}
             )
+    dashboard.publish_summary(loggers, summary)
     return summary
 
 
@@ -122,7 +141,8 @@ def evaluate_on(
     return publish(
         out,
         net,
-        cached(ids),
+        cached,
+        ids,
         by_id,
         (),
         {"dataset": dataset["name"], **(extra or {})},

@@ -24,7 +24,7 @@ from subseg.preparation import (
     prepare_run,
     source_training_items,
 )
-from subseg.run_folder import RunFolder
+from subseg.run_folder import RunFolder, is_first_process
 from subseg.trained_model import model_file, source_run
 
 
@@ -176,12 +176,13 @@ def _starting_model(cfg, source_cfg, source_ckpt, init: str, k: int):
     return module, record
 
 
-def _evaluate(cfg, run: RunFolder, net, test_items, by_id, loggers, record: dict) -> dict:
+def _evaluate(cfg, run: RunFolder, net, cached, test_ids, by_id, loggers, record: dict) -> dict:
     """Publish the target test results of the fine-tuned model."""
     summary = evaluation.publish(
         run,
         net,
-        test_items,
+        cached,
+        test_ids,
         by_id,
         loggers,
         {
@@ -222,13 +223,13 @@ def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     """Fit the k images (reset layers re-initialised, frozen ones per the preset).
 
     Returns:
-        (the fine-tuned network in eval mode or ``None`` on a DDP rank other than the first,
-        the trainer's loggers).
+        (the fine-tuned network in eval mode, the trainer).
     """
     import torch
 
     from subseg import transfer
     from subseg.lit_module import SegmentationModule
+    from subseg.patch_data import FitData, PatchData
 
     preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
     torch.manual_seed(int(cfg.seed))  # the reset layers' initialisation
@@ -236,15 +237,16 @@ def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     if cfg.init != "scratch":
         record["reset"] = transfer.reset_layers(module.net, preset)
         callbacks.append(transfer.FreezeSchedule(preset))
-    pooled, indices = _training_set(cfg, module, items, preset, as_dict(cfg.recipe), record)
-    best, trainer, record["fit"] = fitting.fit(
-        cfg, run, module, pooled, indices, as_dict(cfg.recipe), callbacks
+    recipe = as_dict(cfg.recipe)
+    pooled, (train_idx, val_idx) = _training_set(cfg, module, items, preset, recipe, record)
+    fit_data = PatchData(
+        lambda: FitData(pooled, train_idx, val_idx), recipe, int(cfg.seed), None, cfg.num_workers
     )
-    if best is None:
-        return None, ()
-    record["frozen"] = run.read_json(run.fit_file)["frozen"]
+    best, trainer, record["fit"] = fitting.fit(cfg, run, module, fit_data, recipe, callbacks)
+    if trainer.is_global_zero:  # it wrote fit.json (the other ranks write no results)
+        record["frozen"] = run.read_json(run.fit_file)["frozen"]
     net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
-    return net, trainer.loggers
+    return net, trainer
 
 
 def _retention(cfg, net, source_dir: RunFolder, source_cfg, contract, run: RunFolder):
@@ -310,7 +312,8 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             f"subseg: loaded {record['copied']} tensors from {source_ckpt}; skipped "
             f"{record['skipped'] or 'none'}; left at initialisation {record['missing'] or 'none'}"
         )
-    run.write_environment(str(cfg.accelerator))
+    if is_first_process():
+        run.write_environment(str(cfg.trainer.accelerator))
     splits, subjects, source, contract = prepare_run(cfg, run, subjects, draw, contract)
     if cfg.intensity == "nyul" and contract.landmarks is None:
         contract.landmarks = nyul_landmarks(source_dir, source_cfg, contract)
@@ -319,22 +322,24 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     cached = cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
     if record["n_images"] == 0:  # No TL: the source model as is, saved by Lightning
         fitting.save_untrained(run, module)
-        net, loggers = module.net.eval(), ()
+        net, loggers, first = module.net.eval(), (), True
     else:
         items = list(cached(splits["train"]))
         if cfg.mix_source:  # the mixed baseline: source training images join the k target ones
             items += source_training_items(source_dir, source_cfg, contract)
             record["mixed_source_images"] = len(items) - record["n_images"]
-        net, loggers = _adapt(cfg, run, module, items, record)
-        if net is None:  # a DDP rank other than the first: rank 0 writes the results
-            return {}
-    run.write_json(run.transfer_file, record)
-    summary = _evaluate(cfg, run, net, cached(splits["test"]), by_id, loggers, record)
+        net, trainer = _adapt(cfg, run, module, items, record)
+        loggers, first = trainer.loggers, trainer.is_global_zero
+    if first:
+        run.write_json(run.transfer_file, record)
+    # Every rank of a DDP job segments its share of the test subjects; the first writes.
+    summary = _evaluate(cfg, run, net, cached, splits["test"], by_id, loggers, record)
     if cfg.evaluate_source and source_dir is not None:
         retained = _retention(cfg, net, source_dir, source_cfg, contract, run)
-        if retained is not None:
+        if retained is not None and first:
             summary["source_test"] = {"avg": retained["avg"], "wavg": retained["wavg"]}
             run.write_json(run.summary_file, summary)  # a reused run reads back the same
             print(f"subseg: on the source cohort's test subjects: mean Dice {retained['avg']:.3f}")
-    run.finish("finetune", digest, cfg)
+    if first:
+        run.finish("finetune", digest, cfg)
     return summary

@@ -69,22 +69,48 @@ class RandomState(Callback):
 
 
 def loggers(cfg: DictConfig, run: RunFolder) -> list:
-    """Lightning loggers: a CSV log always, and W&B (offline by default) when configured."""
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    """The run folder's CSV log, then every logger of ``cfg.logger``, built by Hydra.
+
+    ``cfg.logger`` maps names to Lightning logger configs with a ``_target_``; a logger that
+    takes a ``save_dir`` writes into the run folder unless its config says otherwise. W&B runs
+    get a group and tags a sweep can be sliced by (:func:`subseg.dashboard.wandb_defaults`).
+    """
+    import inspect
+
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    from subseg import dashboard
 
     chosen = [CSVLogger(save_dir=run.path, name=run.logs_dir.name, version="")]
-    if cfg.logger.kind == "wandb":
-        # Offline by default: no account, no network; `wandb sync` uploads the run later.
-        chosen.append(
-            WandbLogger(
-                name=str(cfg.name),
-                save_dir=str(run.path),
-                dir=str(run.path),
-                offline=bool(cfg.logger.offline),
-                project=cfg.logger.project,
-            )
-        )
+    for key, conf in (cfg.get("logger") or {}).items():
+        if not isinstance(conf, Mapping) or "_target_" not in conf:
+            raise io.InputError(f"logger.{key}: give a Lightning logger with a _target_")
+        try:
+            target = get_class(conf["_target_"])
+        except Exception as exc:
+            raise io.InputError(f"logger.{key}._target_={conf['_target_']}: {exc}") from None
+        given = {k: v for k, v in conf.items() if v is not None}
+        extra = {}
+        if "save_dir" in inspect.signature(target).parameters and "save_dir" not in given:
+            extra["save_dir"] = str(run.path)
+        if target.__name__ == "WandbLogger":
+            extra.update(dashboard.wandb_defaults(cfg, run, given))
+        # Plain dicts and lists: W&B cannot serialise OmegaConf containers in its run config.
+        chosen.append(instantiate({**given, **extra}, _convert_="all"))
     return chosen
+
+
+def callbacks_of(cfg: DictConfig) -> list:
+    """The Lightning callbacks a user adds in ``cfg.callbacks`` (name → ``_target_`` config)."""
+    from hydra.utils import instantiate
+
+    added = []
+    for key, conf in (cfg.get("callbacks") or {}).items():
+        if not isinstance(conf, Mapping) or "_target_" not in conf:
+            raise io.InputError(f"callbacks.{key}: give a Lightning callback with a _target_")
+        added.append(instantiate(conf))
+    return added
 
 
 def pooled_samples(items, recipe: Mapping, rng: np.random.Generator):
@@ -103,12 +129,17 @@ def pooled_samples(items, recipe: Mapping, rng: np.random.Generator):
 
 
 def trainer_for(cfg: DictConfig, run: RunFolder, recipe: Mapping, callbacks=()):
-    """A Lightning trainer writing to ``run``: atomic checkpoints, RNG state, early stopping.
+    """The Lightning trainer of ``cfg.trainer`` (built by Hydra), writing to ``run``.
+
+    The recipe sets the epochs and the wall-clock cap; the run adds atomic checkpoints, the
+    random state, early stopping, its loggers and the callbacks of ``cfg.callbacks``. Samples are
+    sharded by :class:`subseg.patch_data.PatchData`, so Lightning's own distributed sampler
+    is off.
 
     Returns:
         (the trainer, its ``ModelCheckpoint``, its ``EarlyStopping``).
     """
-    import lightning as L
+    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     checkpoint = ModelCheckpoint(
@@ -123,46 +154,30 @@ def trainer_for(cfg: DictConfig, run: RunFolder, recipe: Mapping, callbacks=()):
     early = EarlyStopping(
         monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
     )
-    trainer = L.Trainer(
+    trainer = instantiate(
+        cfg.trainer,
         max_epochs=int(recipe["max_epochs"]),
         max_time=recipe["max_time"],
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
         logger=loggers(cfg, run),
-        callbacks=[checkpoint, early, RandomState(), *callbacks],
+        callbacks=[checkpoint, early, RandomState(), *callbacks, *callbacks_of(cfg)],
         plugins=[AtomicCheckpointIO()],
-        default_root_dir=run.path,
-        log_every_n_steps=10,
+        default_root_dir=str(run.path),
+        use_distributed_sampler=False,
     )
     return trainer, checkpoint, early
 
 
-def fit(cfg, run: RunFolder, module, pooled, indices, recipe: Mapping, callbacks=()):
-    """Fit ``module`` on ``pooled`` samples with checkpointing and early stopping.
+def fit(cfg, run: RunFolder, module, datamodule, recipe: Mapping, callbacks=()):
+    """Fit ``module`` on a :class:`subseg.patch_data.PatchData` with checkpoints and early stopping.
 
     With ``cfg.resume`` and a ``last.ckpt`` in the run, the fit continues from it (model,
     optimiser, epoch, early-stopping state and random state); when the run's ``fit.json`` says
     the fit had already ended, it is not fitted again.
 
     Returns:
-        (the best checkpoint's path on the main process, ``None`` on the others (DDP);
+        (the best checkpoint's path (on every rank of a DDP job; the first one wrote it);
         the trainer; :func:`fit_record`'s record).
     """
-    from torch.utils.data import DataLoader
-
-    from subseg import data
-
-    def loader(subset, shuffle):
-        return DataLoader(
-            pooled.subset(subset),
-            batch_size=int(recipe["batch_size"]),
-            shuffle=shuffle,
-            collate_fn=data.collate_batch,
-            num_workers=int(cfg.num_workers),
-        )
-
     trainer, checkpoint, early = trainer_for(cfg, run, recipe, callbacks)
     resume = bool(cfg.get("resume"))
     if resume and run.fit_file.is_file() and run.checkpoint.is_file():
@@ -175,18 +190,16 @@ def fit(cfg, run: RunFolder, module, pooled, indices, recipe: Mapping, callbacks
         print(f"subseg: {run.path}: no last.ckpt to resume from: starting afresh", file=sys.stderr)
     elif resume_from is not None:
         print(f"subseg: resuming {run.path} from {resume_from.name}", file=sys.stderr)
-    train_idx, val_idx = indices
-    trainer.fit(module, loader(train_idx, True), loader(val_idx, False), ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     record = fit_record(trainer, early, recipe)
-    if not trainer.is_global_zero:
-        return None, trainer, record
     if not checkpoint.best_model_path:
         raise io.InputError(
             f"{run.path}: training stopped before its first validation (recipe.max_time="
             f"{recipe['max_time']}, recipe.max_epochs={recipe['max_epochs']}): no model to keep"
         )
-    frozen = sorted(n for n, p in module.net.named_parameters() if not p.requires_grad)
-    run.write_json(run.fit_file, {"record": record, "frozen": frozen})
+    if trainer.is_global_zero:
+        frozen = sorted(n for n, p in module.net.named_parameters() if not p.requires_grad)
+        run.write_json(run.fit_file, {"record": record, "frozen": frozen})
     return Path(checkpoint.best_model_path), trainer, record
 
 

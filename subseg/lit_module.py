@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
+from torchmetrics.classification import MulticlassStatScores
 
-from subseg import atlas, inference
+from subseg import atlas, inference, sharding
 from subseg.labels import NUM_CLASSES, STRUCTURES
 from subseg.model import VIEWS, SubcorticalNet
 
@@ -34,6 +35,8 @@ class SegmentationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()  # enough to rebuild the network from a checkpoint
         self.net = SubcorticalNet(dropout)
+        # Per-class counts over the validation samples, summed across DDP ranks by torchmetrics.
+        self.val_counts = MulticlassStatScores(NUM_CLASSES, average="none")
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B×15) of a :class:`subseg.data.PatchDataset` or ``FeatureDataset`` batch."""
@@ -41,7 +44,8 @@ class SegmentationModule(L.LightningModule):
             return self.net.from_conv_features(batch["features"], batch["prior"])
         return self.net(*(batch[view] for view in VIEWS), batch["prior"])
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of one batch, with the loss and accuracy logged."""
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["target"])
         accuracy = (logits.argmax(dim=1) == batch["target"]).float().mean()
@@ -50,15 +54,29 @@ class SegmentationModule(L.LightningModule):
         options = dict(batch_size=size, on_step=train, on_epoch=True, sync_dist=not train)
         self.log(f"{stage}_loss", loss, prog_bar=True, **options)
         self.log(f"{stage}_acc", accuracy, prog_bar=not train, **options)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Cross-entropy on one batch."""
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Loss and accuracy on the held-out voxels."""
-        self._step(batch, "val")
+        """Loss and accuracy on the held-out voxels; counts for their per-structure Dice."""
+        _, logits = self._step(batch, "val")
+        self.val_counts.update(logits.argmax(dim=1), batch["target"])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_sample_dice/<structure>``: Dice over the held-out voxel samples.
+
+        Logged by every fit, fine-tuning included (which has no held-out whole volume); NaN for
+        a structure absent from both the samples and the predictions.
+        """
+        tp, fp, _, fn, _ = self.val_counts.compute().double().unbind(dim=1)
+        dice = (2 * tp / (2 * tp + fp + fn))[1:]  # 0/0 is NaN: nothing to score
+        self.val_counts.reset()
+        for name, value in zip(STRUCTURES, dice.tolist(), strict=True):
+            self.log(f"val_sample_dice/{name}", value)
+        self.log("val_sample_dice_mean", float(np.nanmean(dice.numpy())))
 
     def configure_optimizers(self):
         """Adam over the trainable parameters (fine-tuning freezes some)."""
@@ -87,14 +105,24 @@ def dice_per_structure(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
 class VolumeDice(L.Callback):
     """Every few epochs, segment held-out subjects whole and log per-structure Dice.
 
+    In a DDP job every rank segments its share of the subjects and the scores are gathered, so
+    the logged numbers are those one process gets with the same weights.
+
     Args:
-        subjects: held-out subjects (volume, prior, true classes).
+        subjects: held-out subjects (volume, prior, true classes); ``None``: the fit's
+            ``PatchData`` volumes, known once it is set up.
         every_n_epochs: how often.
     """
 
-    def __init__(self, subjects: Sequence[VolumeSubject], every_n_epochs: int = 1):
-        self.subjects = list(subjects)
+    def __init__(self, subjects: Sequence[VolumeSubject] | None = None, every_n_epochs: int = 1):
+        self.subjects = None if subjects is None else list(subjects)
         self.every = max(1, every_n_epochs)
+
+    def setup(self, trainer: L.Trainer, module: SegmentationModule, stage: str) -> None:
+        """Take the held-out volumes from the trainer's data module when none were given."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.subjects is None and getattr(datamodule, "fit_data", None) is not None:
+            self.subjects = list(datamodule.fit_data.volumes)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: SegmentationModule) -> None:
         """Segment, compute Dice, log ``val_dice/<structure>`` and ``val_dice_mean``."""
@@ -104,14 +132,14 @@ class VolumeDice(L.Callback):
             return
         was_training = module.training
         module.eval()
-        scores = np.stack(
-            [
-                dice_per_structure(inference.segment(module.net, s.volume, s.prior)[0], s.classes)
-                for s in self.subjects
-            ]
-        )
+        mine = sharding.shard(self.subjects, trainer.global_rank, trainer.world_size)
+        scores = [
+            dice_per_structure(inference.segment(module.net, s.volume, s.prior)[0], s.classes)
+            for s in mine
+        ]
         module.train(was_training)
-        mean = np.nanmean(scores, axis=0)
+        mean = np.nanmean(np.stack(sharding.gather_shards(scores, trainer.world_size)), axis=0)
+        # Every rank holds the gathered numbers already: logging them needs no further sync.
         for name, value in zip(STRUCTURES, mean, strict=True):
-            module.log(f"val_dice/{name}", float(value), sync_dist=True)
-        module.log("val_dice_mean", float(np.nanmean(mean)), prog_bar=True, sync_dist=True)
+            module.log(f"val_dice/{name}", float(value))
+        module.log("val_dice_mean", float(np.nanmean(mean)), prog_bar=True)

@@ -79,7 +79,7 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID
 """Where launchers put a process's rank (Lightning's DDP, torchrun, SLURM's srun)."""
 
 
-def _first_process() -> bool:
+def is_first_process() -> bool:
     """False in every process but the first of a distributed job (any launcher)."""
     return all(os.environ.get(k, "0") == "0" for k in RANK_VARIABLES)
 
@@ -387,7 +387,7 @@ class RunFolder:
                 f"{self.path}: was started with another configuration; resume=true would mix "
                 "the two (drop resume=true to start afresh, or give this run another name=)"
             )
-        if not _first_process():  # DDP's relaunched ranks: rank 0 owns the folder
+        if not is_first_process():  # DDP's relaunched ranks: rank 0 owns the folder
             return digest
         self.start(resume=resume)
         self.write_json(self.started_file, {"config_hash": digest})

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -514,7 +513,9 @@ def ensure_cohort(
 
     groups = {}
     todo = [i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid)]
-    workers = max(1, min(len(todo), workers or len(os.sched_getaffinity(0))))
+    from subseg import job_threads
+
+    workers = max(1, min(len(todo), workers or job_threads.share()))
     description = f"synthetic {params.domain} cohort"
     if workers == 1:
         for i in _progress(todo, description, progress, len(todo)):

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from subseg import cohort, evaluation, fitting
 from subseg.contract import as_dict
 from subseg.preparation import cached_subjects, check_cohort, prepare_run
-from subseg.run_folder import RunFolder
+from subseg.run_folder import RunFolder, is_first_process
 
 
 def _whole_volumes(cached, ids) -> list:
@@ -25,6 +25,39 @@ def _whole_volumes(cached, ids) -> list:
     ]
 
 
+def _fit_data(cfg: DictConfig, run: RunFolder, subjects: list):
+    """The fit's data module: prepared once per job, then read from the caches on every rank."""
+    from subseg import data
+    from subseg.patch_data import FitData, PatchData
+
+    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
+
+    def prepare() -> None:  # the first rank only; the others wait at Lightning's barrier
+        splits = cohort.default_splits(dataset, subjects)
+        _, _, _, contract = prepare_run(cfg, run, subjects, splits)
+        run.write_contract(contract)
+
+    def build() -> FitData:  # every rank
+        splits = cohort.ensure_splits(run.splits_file, dataset, subjects)
+        contract = run.contract()
+        cached = run_subjects(cfg, run, subjects, contract)
+        rng = np.random.default_rng(int(cfg.seed))
+        samples, train_idx, val_idx = fitting.pooled_samples(cached(splits["train"]), recipe, rng)
+        return FitData(
+            data.PatchDataset(samples), train_idx, val_idx, _whole_volumes(cached, splits["val"])
+        )
+
+    return PatchData(build, recipe, int(cfg.seed), prepare, int(cfg.num_workers))
+
+
+def run_subjects(cfg: DictConfig, run: RunFolder, subjects: list, contract=None):
+    """Subject ids → their items prepared as the run's recorded input contract."""
+    contract = contract or run.contract()
+    by_id = {s.id: s for s in subjects}
+    protocol = cfg.dataset.label_ids
+    return cached_subjects(by_id, protocol, contract, contract.load_atlas(), cfg.num_workers)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train a network from scratch on a source cohort and evaluate it on the test split.
 
@@ -33,6 +66,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     ``logs/metrics.csv``, an offline W&B run with the default logger, ``metrics.csv`` and
     ``summary.json`` for the test subjects, and last ``complete.json``. A run already complete
     with the same config is left as it is; ``resume=true`` continues a killed one.
+
+    With ``trainer=ddp`` (or any multi-process trainer) the subjects are bias-corrected and
+    registered once, by the first process, before the ranks train; each rank trains on its
+    share of every epoch's samples, and validation and test subjects are split across the
+    ranks; the first process writes the results.
 
     Args:
         cfg: the composed ``conf/train.yaml``.
@@ -43,50 +81,40 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     import lightning as L
 
-    from subseg import data
     from subseg.lit_module import SegmentationModule, VolumeDice
 
     run = RunFolder(run_dir)
     dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
     subjects = check_cohort(dataset)  # a bad file stops the run before it writes anything
-    splits = cohort.default_splits(dataset, subjects)
+    cohort.default_splits(dataset, subjects)  # an impossible split too
     digest = run.begin(cfg)
     if digest is None:
         return run.summary()
     L.seed_everything(int(cfg.seed), workers=True)
-    run.write_environment(str(cfg.accelerator))
-    splits, subjects, source, contract = prepare_run(cfg, run, subjects, splits)
-    run.write_contract(contract)
-    by_id = {s.id: s for s in subjects}
-    cached = cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
-
-    rng = np.random.default_rng(int(cfg.seed))
-    samples, train_idx, val_idx = fitting.pooled_samples(cached(splits["train"]), recipe, rng)
-    pooled = data.PatchDataset(samples)
-    del samples  # the padded copies in ``pooled`` are all training needs
-
-    volume_subjects = _whole_volumes(cached, splits["val"])
+    if is_first_process():
+        run.write_environment(str(cfg.trainer.accelerator))
     module = SegmentationModule(dropout=float(recipe["dropout"]), lr=float(recipe["lr"]))
     best, trainer, fit = fitting.fit(
         cfg,
         run,
         module,
-        pooled,
-        (train_idx, val_idx),
+        _fit_data(cfg, run, subjects),
         recipe,
-        [VolumeDice(volume_subjects, int(recipe["volume_dice_every"]))] if volume_subjects else [],
+        [VolumeDice(every_n_epochs=int(recipe["volume_dice_every"]))],
     )
-    if best is None:  # a DDP rank other than the first: rank 0 writes the results
-        return {}
     net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
+    by_id = {s.id: s for s in subjects}
     summary = evaluation.publish(
         run,
         net,
-        cached(splits["test"]),
+        run_subjects(cfg, run, subjects),
+        run.split("test"),
         by_id,
         trainer.loggers,
         {"checkpoint": str(best.resolve().relative_to(run.path.resolve())), "fit": fit},
     )
+    if not trainer.is_global_zero:  # another DDP rank: the first one writes the results
+        return summary
     run.finish("train", digest, cfg)
     print(
         f"subseg: test mean Dice {summary['avg']:.3f} (wDSC {summary['wavg']:.3f}) over "

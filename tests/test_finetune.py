@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from subseg import finetuning, io, trained_model
+from subseg import finetuning, io, labels, trained_model
 from subseg.run_folder import RunFolder
 
 SOURCE = [
@@ -88,6 +89,12 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
             assert torch.equal(after[name], value), name
     assert not torch.equal(after["net.fc1.weight"], before["net.fc1.weight"])
     assert (run1 / "metrics.csv").is_file() and (run1 / "learning_curve.png").is_file()
+    # Fine-tuning logs per-structure Dice on its held-out voxel samples every epoch.
+    with open(run1 / "logs" / "metrics.csv", newline="") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("val_sample_dice_mean")]
+    assert len(logged) == 2  # two epochs
+    assert all(row[f"val_sample_dice/{name}"] for name in labels.STRUCTURES for row in logged)
+    assert 0.0 < float(logged[-1]["val_sample_dice_mean"]) <= 1.0
     retained = json.loads((run1 / "source_test" / "summary.json").read_text())
     assert retained["dataset"] == "synth_tiny_source" and retained["n_subjects"] == 1
 

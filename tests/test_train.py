@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
@@ -100,6 +99,29 @@ def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
     )
     assert inspect.returncode == 0, inspect.stderr[-2000:]
     records = [json.loads(line) for line in inspect.stdout.splitlines() if line.startswith("{")]
+
+    # The dashboard's slicing: the run's config, group and tags; its test results in the summary.
+    config, summary, header = {}, {}, {}
+    for record in records:
+        if record.get("type") == "run":
+            header = record["run"]
+            config.update(header.get("config", {}).get("update", {}))
+        elif record.get("type") == "config":
+            config.update(record["config"].get("update", {}))
+        elif record.get("type") == "summary":
+            summary.update(record["summary"].get("update", {}))
+    assert config["task"] == "train" and config["method"] == "source"
+    assert config["dataset"] == "synth_tiny_source" and config["preprocessing"] == "n4"
+    assert config["config"]["recipe"]["max_epochs"] == 2  # the whole resolved config
+    assert header["run_group"] == "train-synth_tiny_source"
+    assert {"train", "source", "n4"} <= set(header["tags"])
+    results = json.loads((run / "summary.json").read_text())
+    assert summary["test/avg"] == pytest.approx(results["avg"])
+    assert summary["test/wavg"] == pytest.approx(results["wavg"])
+    for name in labels.STRUCTURES:
+        expected = results["per_structure"][name]["mean"]
+        assert summary[f"test/dice/{name}"] == pytest.approx(expected, nan_ok=True), name
+
     from_wandb = {}
     for record in records:
         item = record.get("history", {}).get("item", {})
@@ -116,16 +138,5 @@ def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
     assert len(from_csv) >= 2 * (len(labels.STRUCTURES) + 5)  # two epochs of every number
     assert from_wandb.keys() == from_csv.keys()
     for key, value in from_csv.items():
-        assert from_wandb[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-
-
-@pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path):
-    if not torch.distributed.is_gloo_available():
-        pytest.skip("gloo backend not available")
-    run = tmp_path / "run"
-    summary = training.train(
-        _cfg(tmp_path, "logger=csv", "strategy=ddp_fork", "devices=2", "accelerator=cpu"), run
-    )
-    assert (run / "checkpoints" / "best.ckpt").is_file()
-    assert summary and 0.0 <= summary["avg"] <= 1.0
+        # NaN (a structure absent from the samples) is the string 'NaN' in W&B's history.
+        assert float(from_wandb[key]) == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
