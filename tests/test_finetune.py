@@ -94,7 +94,7 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
         logged = [row for row in csv.DictReader(f) if row.get("val_sample_dice_mean")]
     assert len(logged) == 2  # two epochs
     assert all(row[f"val_sample_dice/{name}"] for name in labels.STRUCTURES for row in logged)
-    assert 0.0 < float(logged[-1]["val_sample_dice_mean"]) <= 1.0
+    assert 0.0 <= float(logged[-1]["val_sample_dice_mean"]) <= 1.0  # tiny: may be 0
     retained = json.loads((run1 / "source_test" / "summary.json").read_text())
     assert retained["dataset"] == "synth_tiny_source" and retained["n_subjects"] == 1
 
