@@ -3,28 +3,23 @@
 One labelled synthetic target subject (0.94 x 0.94 x 1.5 mm, the paper's TL-1 case): every
 structure voxel and as many shell voxels, split 75/25, the `paper` freeze preset (conv blocks
 frozen with BatchNorm in eval mode, classifier reset, FC layers trained), batch 128, lr 1e-4,
-dropout 0.3. Every epoch starts from the same weights and seed and includes its validation pass.
+dropout 0.3. Every epoch starts from the same weights and seed and includes its validation pass;
+torch's default threads throughout.
 
-- patches: the frozen conv stacks run on every batch (torch's default threads).
-- cached, baseline: the cached path as it was: the network's own dropout layers, batches
-  gathered by tensor indexing, torch's default threads, stock Adam.
-- cached, baseline on one thread: the same with one torch thread.
-- cached, exact: one torch thread, the dropout noise drawn a step ahead on the other core
-  (:class:`subseg.model.DropoutNoise`, bit-identical to torch's dropout), batches gathered with
-  ``index_select`` (:class:`subseg.data.FeatureDataset`).
-- cached, fast: exact plus Adam's fused CPU kernel (float rounding differs, nothing else) and
-  the training loss and accuracy logged only when the logger writes (their epoch means the same).
+- patches: ``SegmentationModule`` on patch batches: the frozen conv stacks run on every batch.
+- cached, before: the cached path as it was before issue #12: batches gathered by indexing with
+  a tensor, Adam's per-tensor loop.
+- cached: ``SegmentationModule`` on ``subseg.data.FeatureDataset`` as fine-tuning runs it now:
+  batches gathered with ``index_select``, Adam's fused kernel.
 
-Threads, Adam's kernel and the logging are proposals for the fit's own code and settings
-(``subseg.lit_module``, ``conf/trainer``), prototyped here. The cached variants run
-alternately, ``REPEATS`` times each, and the medians are reported: the machine is often shared,
-and 2 torch threads on 2 busy cores slow down many times over. Each epoch's per-step training
-losses are compared with the baseline's (the same batches and dropout masks). About 3.5 min on
-2 quiet cores, most of it the patch epoch. The paper needed 8 s per epoch for one image on a
-TITAN X GPU.
+The two cached variants run alternately, ``REPEATS`` times each, and the medians are reported:
+the machine is often shared, and a burst of load on one side only would move the ratio. Each
+epoch's per-step training losses are compared with the previous code's (the same batches and
+dropout masks: they differ by Adam's float rounding only), and the validation loss with the
+patches'. About 2 min on 2 quiet cores, most of it the patch epoch. The paper needed 8 s per
+epoch for one image on a TITAN X GPU.
 """
 
-import contextlib
 import os
 import statistics
 import time
@@ -32,48 +27,29 @@ import time
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import record
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from subseg import data, io, labels, synth, transfer
 from subseg.lit_module import SegmentationModule
-from subseg.model import CONV_FEATURES, VIEWS
 
 REPEATS = 3
 BATCH = 128
 
 
 class _EpochTimer(L.Callback):
-    """Seconds of the training epoch (with its validation) and the loss of every step.
-
-    Also the CPU seconds of the main thread: on one torch thread, what the epoch takes on a
-    quiet machine (a helper thread's work aside), however busy the machine is now.
-    """
+    """Seconds of the training epoch (with its validation) and the loss of every step."""
 
     def on_train_epoch_start(self, trainer, module):
         self.losses = []
-        self.start, self.start_cpu = time.perf_counter(), time.thread_time()
+        self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].detach())
 
     def on_train_epoch_end(self, trainer, module):
         self.seconds = time.perf_counter() - self.start
-        self.cpu_seconds = time.thread_time() - self.start_cpu
-
-
-class _TorchDropout(SegmentationModule):
-    """The cached path as it was: the network's dropout layers draw their masks inline."""
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        if "features" not in batch:
-            return super().forward(batch)
-        net = self.net
-        blocks = batch["features"].split(CONV_FEATURES, dim=1)
-        paths = [net.paths[v].fully_connected(x) for v, x in zip(VIEWS, blocks, strict=True)]
-        return net.head(torch.cat(paths, dim=1), batch["prior"])
 
 
 class _IndexedFeatures(data.FeatureDataset):
@@ -88,60 +64,25 @@ class _IndexedFeatures(data.FeatureDataset):
         }
 
 
-class _Proposed(SegmentationModule):
-    """``SegmentationModule`` with the changes proposed for it: Adam's fused CPU kernel, and the
-    training loss and accuracy logged when the logger writes (their epoch means summed here)."""
+class _StockAdam(SegmentationModule):
+    """Adam as it was: its loop over the parameter tensors."""
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr, fused=True)
-
-    def on_train_epoch_start(self) -> None:
-        self._train_sums, self._train_count = torch.zeros(2, device=self.device), 0
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["target"])
-        accuracy = (logits.argmax(dim=1) == batch["target"]).float().mean()
-        size = len(batch["target"])
-        self._train_sums = self._train_sums + torch.stack([loss.detach(), accuracy]) * size
-        self._train_count += size
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            self.log("train_loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
-            self.log("train_acc_step", accuracy, on_step=True, on_epoch=False)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        loss, accuracy = self._train_sums / self._train_count
-        self.log("train_loss_epoch", loss)
-        self.log("train_acc_epoch", accuracy)
+        return torch.optim.Adam(params, lr=self.hparams.lr)
 
 
 VARIANTS = {
-    # name: (module class, dataset class of cached features, torch threads; None = default)
-    "patches": (SegmentationModule, None, None),
-    "baseline": (_TorchDropout, _IndexedFeatures, None),
-    "baseline_1thread": (_TorchDropout, _IndexedFeatures, 1),
-    "exact": (SegmentationModule, data.FeatureDataset, 1),
-    "fast": (_Proposed, data.FeatureDataset, 1),
+    # name: (module class, dataset class of cached features)
+    "patches": (SegmentationModule, None),
+    "before": (_StockAdam, _IndexedFeatures),
+    "cached": (SegmentationModule, data.FeatureDataset),
 }
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _epoch(pooled, variant: str) -> dict:
     """Train one epoch of ``variant`` on ``pooled``: seconds, step losses, validation loss."""
-    module_class, dataset_class, threads = VARIANTS[variant]
+    module_class, dataset_class = VARIANTS[variant]
     if dataset_class is not None:
         pooled = dataset_class(pooled.features, pooled.prior, pooled.targets)
     torch.manual_seed(0)
@@ -167,11 +108,9 @@ def _epoch(pooled, variant: str) -> dict:
             pooled.subset(indices), batch_size=BATCH, shuffle=shuffle, collate_fn=data.collate_batch
         )
 
-    with _threads(threads):
-        trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
+    trainer.fit(module, loader(train_idx, True), loader(val_idx, False))
     return {
         "seconds": timer.seconds,
-        "cpu_seconds": timer.cpu_seconds,
         "losses": torch.stack(timer.losses),
         "val_loss": float(trainer.callback_metrics["val_loss"]),
         "n_train": len(train_idx),
@@ -220,50 +159,40 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     patches = _epoch(data.PatchDataset([samples]), "patches")
     pooled, t_features = _cached_dataset(samples)
-    runs = {name: [] for name in ("baseline", "baseline_1thread", "exact", "fast")}
-    for _ in range(REPEATS):  # alternately, so that a burst of load hits every variant alike
+    runs = {name: [] for name in ("before", "cached")}
+    for _ in range(REPEATS):  # alternately, so that a burst of load hits both alike
         for name, results in runs.items():
             results.append(_epoch(pooled, name))
     seconds = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
-    first = {name: rs[0] for name, rs in runs.items()}
-    baseline_losses = first["baseline"]["losses"]
-    exact = _loss_difference(first["exact"]["losses"], baseline_losses)
-    fast = _loss_difference(first["fast"]["losses"], baseline_losses)
+    before, cached = runs["before"][0], runs["cached"][0]
+    steps = _loss_difference(cached["losses"], before["losses"])
     record(
         "finetune_epoch_cached_vs_patches",
         {
             "compared": f"one TL-1 fine-tuning epoch with its validation (freeze=paper, "
-            f"{patches['n_train']} training voxels of one {shape} target subject, batch {BATCH}):"
-            " patches through the frozen conv stacks vs frozen conv features cached (computed "
-            "once, densely): as it was (baseline) and with one torch thread and dropout noise "
-            "drawn ahead (exact), plus fused Adam (fast)",
-            "torch_threads_default": torch.get_num_threads(),
+            f"{patches['n_train']} training voxels of one {shape} target subject, batch {BATCH}, "
+            f"{torch.get_num_threads()} torch threads): patches through the frozen conv stacks "
+            "vs the frozen conv features cached (computed once, densely), as fine-tuning runs "
+            "them now (cached) and before issue #12 (before: tensor indexing, Adam's loop); "
+            f"medians of {REPEATS} alternating repeats",
             "seconds_epoch_patches": round(patches["seconds"], 2),
-            "seconds_epoch_cached_baseline": round(seconds["baseline"], 2),
-            "seconds_epoch_cached_baseline_1thread": round(seconds["baseline_1thread"], 2),
-            "seconds_epoch_cached_exact": round(seconds["exact"], 2),
-            "seconds_epoch_cached": round(seconds["fast"], 2),
+            "seconds_epoch_cached_before": round(seconds["before"], 2),
+            "seconds_epoch_cached": round(seconds["cached"], 2),
             "seconds_each_repeat": {
                 name: [round(r["seconds"], 2) for r in rs] for name, rs in runs.items()
             },
-            "main_thread_cpu_seconds_median": {
-                name: round(statistics.median(r["cpu_seconds"] for r in rs), 2)
-                for name, rs in runs.items()
-            },
             "seconds_features_once": round(t_features, 2),
-            "ratio_epoch_patches_over_cached": round(patches["seconds"] / seconds["fast"], 1),
-            "ratio_epoch_patches_over_cached_baseline": round(
-                patches["seconds"] / seconds["baseline"], 1
+            "ratio_epoch_patches_over_cached": round(patches["seconds"] / seconds["cached"], 1),
+            "ratio_epoch_cached_before_over_cached": round(
+                seconds["before"] / seconds["cached"], 2
             ),
-            "steps_compared": len(baseline_losses),
-            "max_abs_step_loss_difference_exact_vs_baseline": exact["abs"],
-            "max_abs_step_loss_difference_fast_vs_baseline": fast["abs"],
-            "max_rel_step_loss_difference_fast_vs_baseline": fast["rel"],
+            "steps_compared": len(before["losses"]),
+            "max_abs_step_loss_difference_cached_vs_before": steps["abs"],
+            "max_rel_step_loss_difference_cached_vs_before": steps["rel"],
             "val_loss_patches": patches["val_loss"],
-            "val_loss_cached_baseline": first["baseline"]["val_loss"],
-            "val_loss_cached": first["fast"]["val_loss"],
-            "max_abs_val_loss_difference_patches_vs_cached_baseline": abs(
-                patches["val_loss"] - first["baseline"]["val_loss"]
+            "val_loss_cached": cached["val_loss"],
+            "max_abs_val_loss_difference_patches_vs_cached": abs(
+                patches["val_loss"] - cached["val_loss"]
             ),
             "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "paper_gpu_seconds_per_epoch_one_image": 8,

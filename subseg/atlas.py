@@ -148,16 +148,22 @@ def package_file(relative: str) -> Path:
 def _harvard_oxford(template: str, probabilities: str, volumes: tuple, percent: bool):
     tpl = nib.load(package_file(template))
     prob = nib.load(package_file(probabilities))
-    data = np.asarray(prob.dataobj)
+    # Only the volumes up to the last one needed: a gzip file is read from its start, and the
+    # whole 4-D file (113 volumes) is ten times larger than the sub-cortical ones.
+    first, last = min(volumes), max(volumes)
+    needed = np.asarray(prob.dataobj[..., first : last + 1])[..., [v - first for v in volumes]]
+    # The structures fill a tenth of the grid: keep their joint support and two voxels of zeros
+    # around it (all that linear interpolation reads), on the grid's own voxels.
+    box = _bounding_box(needed.any(axis=-1), margin=2)
     scale = 100.0 if percent else 1.0
-    structures = np.stack([data[..., v].astype(np.float32) / scale for v in volumes])
+    structures = np.moveaxis(needed[box], -1, 0).astype(np.float32) / scale
     identity = f"harvard_oxford:{Path(probabilities).name}:{volumes}:{percent}"
     return AtlasSource(
         name="harvard_oxford",
         template=np.asarray(tpl.dataobj, dtype=np.float32),
         template_affine=tpl.affine,
         structures=np.clip(structures, 0.0, 1.0),
-        structures_affine=prob.affine,
+        structures_affine=_box_affine(prob.affine, box),
         identity=identity,
     )
 
@@ -352,6 +358,31 @@ def _register(ants, fixed, moving, registration: Registration, work: Path) -> li
     return result["fwdtransforms"]
 
 
+def warp_support(ants, channel: np.ndarray, affine: np.ndarray, target, transforms: list[str]):
+    """Warp a non-negative map onto ``target``'s grid (linear interpolation), read on its support.
+
+    Only the map's support, with two voxels of zeros around it, is handed to ANTs: what linear
+    interpolation reads is unchanged (tested), and ANTs converts a far smaller image per call
+    (the 14 Harvard-Oxford channels warped in 1.0 s instead of 2.3 s).
+
+    Args:
+        ants: the ANTsPy module (:func:`subseg.antspy.load`).
+        channel: the map's voxels.
+        affine: their voxel → world (RAS mm) affine.
+        target: the ANTs image whose grid the result is on.
+        transforms: ANTs transform files, as ``ants.apply_transforms`` takes them.
+
+    Returns:
+        The warped map on ``target``'s grid.
+    """
+    support = channel > 0
+    if not support.any():
+        return np.zeros(target.shape, np.float32)
+    box = _bounding_box(support, margin=2)
+    moved = antspy.image(ants, channel[box], _box_affine(affine, box))
+    return ants.apply_transforms(target, moved, transforms, interpolator="linear").numpy()
+
+
 def register_prior(
     image: io.Volume,
     source: AtlasSource,
@@ -378,8 +409,7 @@ def register_prior(
         transforms = _register(ants, fixed, moving, registration, Path(work))
 
         def warp(channel, target):
-            moved = antspy.image(ants, channel, source.structures_affine)
-            return ants.apply_transforms(target, moved, transforms, interpolator="linear").numpy()
+            return warp_support(ants, channel, source.structures_affine, target, transforms)
 
         # Resampling 14 channels onto a whole 1 mm head cost more than the registration; the
         # prior only lives where the warped union of the structures is nonzero (linear

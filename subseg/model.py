@@ -7,18 +7,10 @@ Keras release normalised per image column and gave PReLU one slope per element, 
 network position-dependent; we do not copy that), so the same weights can be evaluated densely
 over whole slices (:mod:`subseg.dense`). Trainable parameters: 882,375.
 
-On cached conv features (fine-tuning with frozen conv stacks) the dropout masks can be drawn a
-step ahead on a spare core (:class:`DropoutNoise`), bit-identical to ``nn.Dropout``'s.
-
 No Lightning or Hydra here: the module is usable from a notebook.
 """
 
 from __future__ import annotations
-
-import os
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -34,129 +26,6 @@ PATH_FEATURES = 180
 CONV_FEATURES = 540
 """Per path: conv5's 60 channels × 3 × 3, the input of the path's dense layer."""
 NUM_CLASSES = 15
-
-Dropper = Callable[[nn.Dropout, torch.Tensor], torch.Tensor]
-"""Applies a dropout layer to a tensor: the layer itself, or noise drawn for it in advance."""
-
-
-def _apply(layer: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-    return layer(x)
-
-
-def _draw_bernoulli(
-    state: torch.Tensor, requests: Sequence[tuple[tuple[int, ...], torch.dtype, float]]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``empty(shape).bernoulli_(keep)`` for each request, from a generator in ``state``.
-
-    Returns:
-        (the drawn tensors, the generator's state after them).
-    """
-    generator = torch.Generator()
-    generator.set_state(state)
-    drawn = [
-        torch.empty(shape, dtype=dtype).bernoulli_(keep, generator=generator)
-        for shape, dtype, keep in requests
-    ]
-    return drawn, generator.get_state()
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-class DropoutNoise:
-    """Dropout noise exactly as ``nn.Dropout`` draws it on the CPU, drawn a step ahead when it can.
-
-    On the CPU, dropout's mask is drawn element by element from the global Mersenne Twister, on
-    one core: about a quarter of a fine-tuning step on cached features (bench/bench_transfer.py).
-    A mask depends on nothing but the generator's state and its shape, so while the main thread
-    computes one step, a helper thread draws the next step's masks from a copy of the state this
-    step leaves behind. The next step takes them when it asks with that very state and the same
-    shapes, and then moves the global generator on to where drawing them would have left it;
-    otherwise (another batch size, the generator used or reseeded in between) it draws in place.
-    Either way the noise, the outputs and the generator's state are ``nn.Dropout``'s, bit for bit.
-
-    Args:
-        ahead: draw on a helper thread; ``None``: when torch leaves a core free for it (fewer
-            intra-op threads than usable cores; one extra busy thread beside torch's own would
-            slow every parallel operation down).
-    """
-
-    def __init__(self, ahead: bool | None = None):
-        self.ahead = ahead
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pid = os.getpid()
-        self._pending: tuple[torch.Tensor, tuple, Future] | None = None
-
-    def _helper(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pid != os.getpid():
-            # A forked child (DDP, loader workers) inherits the pool but not its thread.
-            self._pool, self._pid, self._pending = ThreadPoolExecutor(1), os.getpid(), None
-        return self._pool
-
-    def _use_helper(self) -> bool:
-        if self.ahead is not None:
-            return self.ahead
-        return torch.get_num_threads() < _usable_cores()
-
-    def draw(self, requests: Sequence[tuple[tuple[int, ...], torch.dtype, float]]) -> list:
-        """Bernoulli draws for ``requests`` (shape, dtype, keep probability), in order.
-
-        The global generator ends where ``torch.empty(shape, dtype=dtype).bernoulli_(keep)``
-        for each request in turn would leave it.
-        """
-        key = tuple((tuple(shape), dtype, float(keep)) for shape, dtype, keep in requests)
-        with self._lock:
-            state = torch.get_rng_state()
-            drawn = self._take(state, key)
-            if drawn is None:
-                drawn = _draw_bernoulli(state, key)
-            noise, after = drawn
-            torch.set_rng_state(after)
-            if self._use_helper():
-                future = self._helper().submit(_draw_bernoulli, after, key)
-                self._pending = (after, key, future)
-            return noise
-
-    def _take(self, state: torch.Tensor, key: tuple):
-        """The draws made ahead, when they were made from ``state`` for ``key``; else ``None``."""
-        pending, self._pending = self._pending, None
-        if pending is None or self._pid != os.getpid():
-            return None
-        made_from, made_for, future = pending
-        if made_for != key or not torch.equal(made_from, state):
-            return None
-        return future.result()
-
-    def dropper(
-        self, layers: Sequence[nn.Dropout], shapes: Sequence[tuple[int, ...]], like: torch.Tensor
-    ) -> Dropper:
-        """A :data:`Dropper` for ``layers``, to be applied in this order to tensors of ``shapes``.
-
-        The layers apply themselves in eval mode, when one never or always drops, and unless
-        ``like`` (the input) is a CPU tensor outside autocast: on a GPU, dropout draws from the
-        GPU's generator (in a fused kernel), and under autocast its inputs change dtype.
-        """
-        exact = like.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if not exact or not all(layer.training and 0 < layer.p < 1 for layer in layers):
-            return _apply
-        keeps = [1 - layer.p for layer in layers]  # in double precision, as torch's dropout
-        requests = [(shape, like.dtype, k) for shape, k in zip(shapes, keeps, strict=True)]
-        bits = self.draw(requests)
-        noise = {id(layer): b.div_(k) for layer, b, k in zip(layers, bits, keeps, strict=True)}
-
-        def drop(layer: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-            return x * noise[id(layer)]  # torch's dropout: input * (bernoulli(keep) / keep)
-
-        return drop
-
-
-DROPOUT_NOISE = DropoutNoise()
-"""Shared by every network: the draws depend on the generator and the shapes only."""
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -206,9 +75,9 @@ class PathNet(nn.Module):
         x = self.conv4(self.conv3(self.pool1(x)))
         return self.conv5(self.pool2(x)).flatten(1)
 
-    def fully_connected(self, conv_features: torch.Tensor, drop: Dropper = _apply) -> torch.Tensor:
+    def fully_connected(self, conv_features: torch.Tensor) -> torch.Tensor:
         """Dropout, the dense 540 → 180 layer and its PReLU, on B×540 conv features."""
-        return self.dense_act(self.dense(drop(self.dropout, conv_features)))
+        return self.dense_act(self.dense(self.dropout(conv_features)))
 
     def forward(self, patch: torch.Tensor) -> torch.Tensor:
         """Map B×1×32×32 patches to B×180 features."""
@@ -240,20 +109,17 @@ class SubcorticalNet(nn.Module):
             patches = dict(zip(VIEWS, patches, strict=True))
         return torch.cat([self.paths[view](patches[view]) for view in VIEWS], dim=1)
 
-    def head_features(
-        self, path_features: torch.Tensor, atlas: torch.Tensor, drop: Dropper = _apply
-    ) -> torch.Tensor:
+    def head_features(self, path_features: torch.Tensor, atlas: torch.Tensor) -> torch.Tensor:
         """The 555-d vector entering FC2: FC1's output and the atlas probabilities.
 
         Args:
             path_features: B×540 from :meth:`path_features`.
             atlas: B×15 prior in output-class order (background first). It enters in the order
                 of the original network, 14 structures then background.
-            drop: how the dropout layers are applied (by default, themselves).
         """
-        x = self.fc1_act(self.fc1(drop(self.dropout1, path_features)))
+        x = self.fc1_act(self.fc1(self.dropout1(path_features)))
         reordered = torch.cat([atlas[:, 1:], atlas[:, :1]], dim=1)
-        return torch.cat([drop(self.dropout2, x), reordered], dim=1)
+        return torch.cat([self.dropout2(x), reordered], dim=1)
 
     def classify(self, head_features: torch.Tensor) -> torch.Tensor:
         """Class scores (B×15 logits, output-class order) from the 555-d head features."""
@@ -275,15 +141,9 @@ class SubcorticalNet(nn.Module):
                 :meth:`PathNet.conv_features`.
             atlas: B×15 prior, background first.
         """
-        paths = [self.paths[view] for view in VIEWS]
-        batch, width = len(conv_features), PATH_FEATURES * len(VIEWS)
-        # The five dropout layers in the order the patch forward pass draws their masks.
-        layers = [path.dropout for path in paths] + [self.dropout1, self.dropout2]
-        shapes = [(batch, CONV_FEATURES)] * len(paths) + [(batch, width)] * 2
-        drop = DROPOUT_NOISE.dropper(layers, shapes, conv_features)
         blocks = conv_features.split(CONV_FEATURES, dim=1)
-        x = [path.fully_connected(b, drop) for path, b in zip(paths, blocks, strict=True)]
-        return self.classify(self.head_features(torch.cat(x, dim=1), atlas, drop))
+        paths = [self.paths[view].fully_connected(x) for view, x in zip(VIEWS, blocks, strict=True)]
+        return self.head(torch.cat(paths, dim=1), atlas)
 
 
 def count_trainable(module: nn.Module) -> int:

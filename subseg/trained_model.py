@@ -93,17 +93,26 @@ def model_file(init: str) -> str:
 def load_network(checkpoint: str | Path):
     """The network of a Lightning checkpoint, in eval mode on the CPU.
 
+    Read with torch alone: importing Lightning to rebuild the training module would add a second
+    to every ``predict.py`` start, for weights the bare network holds.
+
     Raises:
         io.InputError: the file is missing or not a subseg checkpoint.
     """
-    from subseg.lit_module import SegmentationModule
+    import torch
+
+    from subseg.model import SubcorticalNet
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise io.InputError(f"{checkpoint}: no such checkpoint")
     try:
-        module = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    except Exception as exc:  # torch/Lightning raise many types for a bad file
+        # Tensors and plain values only: a checkpoint from elsewhere cannot run code on load.
+        stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items()}
+        net = SubcorticalNet(dropout=float(stored["hyper_parameters"]["dropout"]))
+        net.load_state_dict(state)
+    except Exception as exc:  # torch raises many types for a bad file; KeyError for another kind
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise io.InputError(f"{checkpoint}: not a readable subseg checkpoint ({reason})") from None
-    return module.net.eval()
+    return net.eval()

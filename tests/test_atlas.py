@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO, affine_for, write_nifti
@@ -99,21 +100,62 @@ def test_channels_resampled_in_the_box_equal_the_whole_grid(ho_run, monkeypatch,
     transforms = atlas._register(ants, fixed, moving, settings, tmp_path)
     monkeypatch.setattr(atlas, "_register", lambda *args: transforms)
     boxed = atlas.register_prior(image, source, settings)
+    # The atlas file's whole grid, not the structures' support the loaded atlas keeps.
+    volumes = [cfg["volumes"][name] for name in labels.STRUCTURES]
+    probabilities = nib.load(atlas.package_file(cfg["probabilities"]))
     whole = np.stack(
         [
             ants.apply_transforms(
                 fixed,
-                antspy.image(ants, channel, source.structures_affine),
+                antspy.image(ants, probabilities.dataobj[..., v] / 100.0, probabilities.affine),
                 transforms,
                 interpolator="linear",
             ).numpy()
-            for channel in source.structures
+            for v in volumes
         ]
     )
     reference = atlas._prior_from_structures(whole, image, 15, 5)
     assert boxed.box == reference.box
     np.testing.assert_array_equal(boxed.regions, reference.regions)
     np.testing.assert_allclose(boxed.structures, reference.structures, atol=1.5 / atlas.QUANTUM)
+
+
+def test_a_map_warped_on_its_support_equals_the_whole_grid_warped(tmp_path):
+    ants = antspy.load(0)
+    affine = affine_for("RAS", zooms=(1.0, 1.0, 1.0), origin=(-20.0, -24.0, -16.0))
+    grid = np.zeros((40, 48, 32), np.float32)
+    rng = np.random.default_rng(0)
+    grid[12:19, 20:31, 9:15] = rng.uniform(0.0, 1.0, (7, 11, 6)).astype(np.float32)
+    grid[14, 25, 11] = 0.0  # a zero inside the support stays read
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        matrix=np.array([[0.97, 0.05, 0.0], [-0.04, 1.02, 0.03], [0.0, -0.02, 0.99]]),
+        translation=(1.3, -0.7, 0.4),
+    )
+    path = str(tmp_path / "affine.mat")
+    ants.write_transform(transform, path)
+    target = antspy.image(ants, np.zeros((50, 45, 40), np.float32), affine_for("LIA"))
+    whole = ants.apply_transforms(
+        target, antspy.image(ants, grid, affine), [path], interpolator="linear"
+    ).numpy()
+    assert whole.max() > 0.5
+    np.testing.assert_array_equal(atlas.warp_support(ants, grid, affine, target, [path]), whole)
+    empty = atlas.warp_support(ants, np.zeros_like(grid), affine, target, [path])
+    assert empty.shape == whole.shape and not empty.any()
+
+
+def test_loaded_atlas_keeps_every_nonzero_voxel_of_the_file(ho_run):
+    cfg, source, _, _, _ = ho_run
+    probabilities = nib.load(atlas.package_file(cfg["probabilities"]))
+    # The loaded structures sit on the file's own voxels, shifted by a whole number of them.
+    shift = np.linalg.solve(probabilities.affine, source.structures_affine)[:3, 3]
+    np.testing.assert_allclose(shift, np.round(shift), atol=1e-6)
+    start = np.round(shift).astype(int)
+    box = tuple(slice(s, s + n) for s, n in zip(start, source.structures.shape[1:], strict=True))
+    for name, channel in zip(labels.STRUCTURES, source.structures, strict=True):
+        whole = np.asarray(probabilities.dataobj[..., cfg["volumes"][name]]) / 100.0
+        np.testing.assert_allclose(channel, whole[box], atol=1e-6, err_msg=name)
+        assert whole.sum() == pytest.approx(float(channel.sum()), rel=1e-5), name
 
 
 @pytest.mark.slow

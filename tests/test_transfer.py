@@ -6,9 +6,8 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from subseg import data, io, model, transfer
+from subseg import data, io, transfer
 from subseg.lit_module import SegmentationModule
-from subseg.model import CONV_FEATURES, VIEWS
 
 
 def _preset(name, **changes):
@@ -150,102 +149,3 @@ def test_cached_features_train_exactly_as_patches():
     # The patch path ran the frozen conv stacks: their BatchNorm stayed on the source statistics.
     for name, value in norms_before.items():
         assert torch.equal(patched_state[name], value), name
-
-
-def _layer_by_layer(net, conv_features, atlas):
-    """from_conv_features through the network's own nn.Dropout layers (torch's dropout)."""
-    blocks = conv_features.split(CONV_FEATURES, dim=1)
-    paths = [net.paths[view].fully_connected(x) for view, x in zip(VIEWS, blocks, strict=True)]
-    return net.head(torch.cat(paths, dim=1), atlas)
-
-
-def _train_steps(net, forward, batches, between=None):
-    """Logits, gradients and the generator's state after a forward/backward per batch."""
-    torch.manual_seed(3)
-    out = []
-    for i, (x, atlas) in enumerate(batches):
-        net.zero_grad()
-        logits = forward(net, x, atlas)
-        logits.square().sum().backward()
-        grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
-        out.append((logits.detach(), grads))
-        if between is not None:
-            between(i)
-    return out, torch.get_rng_state()
-
-
-@pytest.mark.parametrize("ahead", [False, True])
-def test_cached_dropout_draws_what_torch_dropout_draws(monkeypatch, ahead):
-    """Drawn in place or a step ahead, the noise is nn.Dropout's, bit for bit, as is the RNG."""
-    monkeypatch.setattr(model.DROPOUT_NOISE, "ahead", ahead)
-    torch.manual_seed(0)
-    net = model.SubcorticalNet(dropout=0.3).train()
-    sizes = [16, 16, 16, 7, 16, 16]  # a short batch, then full ones again
-    batches = [(torch.randn(n, 3 * CONV_FEATURES), torch.rand(n, 15)) for n in sizes]
-
-    def other_draws(i):  # something else uses the generator between two steps
-        if i == 1:
-            torch.rand(5)
-
-    expected, expected_state = _train_steps(net, _layer_by_layer, batches, other_draws)
-    cached = type(net).from_conv_features
-    got, state = _train_steps(net, cached, batches, other_draws)
-    assert torch.equal(state, expected_state)
-    for (logits, grads), (want_logits, want_grads) in zip(got, expected, strict=True):
-        assert torch.equal(logits, want_logits)
-        assert all(torch.equal(g, w) for g, w in zip(grads, want_grads, strict=True))
-    # Not a constant: the next draw differs.
-    assert not torch.equal(got[0][0], got[1][0])
-
-
-def test_cached_dropout_in_eval_mode_draws_nothing():
-    net = model.SubcorticalNet(dropout=0.3).eval()
-    x, atlas = torch.randn(8, 3 * CONV_FEATURES), torch.rand(8, 15)
-    state = torch.get_rng_state()
-    assert torch.equal(net.from_conv_features(x, atlas), _layer_by_layer(net, x, atlas))
-    assert torch.equal(torch.get_rng_state(), state)
-
-
-def _forked_draws(net, queue):
-    torch.set_num_threads(1)  # as loader workers do: OpenMP's pool does not survive a fork
-    sums = [
-        float(net.from_conv_features(torch.ones(4, 3 * CONV_FEATURES), torch.ones(4, 15)).sum())
-        for _ in range(3)
-    ]
-    queue.put(sums)
-
-
-def test_dropout_drawn_ahead_survives_a_fork(monkeypatch):
-    """A forked process (ddp_fork, loader workers) inherits the helper pool but not its thread."""
-    import multiprocessing
-
-    monkeypatch.setattr(model.DROPOUT_NOISE, "ahead", True)
-    net = model.SubcorticalNet(dropout=0.3).train()
-    torch.manual_seed(1)
-    net.from_conv_features(torch.ones(4, 3 * CONV_FEATURES), torch.ones(4, 15))  # one pending
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_forked_draws, args=(net, queue))
-    child.start()
-    try:
-        value = queue.get(timeout=60)
-    except Exception:
-        value = None
-    child.join(timeout=10)
-    if child.is_alive():
-        child.kill()
-    assert value is not None, "the forked process hung waiting for a helper it does not have"
-    assert child.exitcode == 0 and np.isfinite(value).all() and len(set(value)) == 3
-
-
-def test_cached_dropout_under_autocast_is_the_layers_own(monkeypatch):
-    """Under autocast the layers' inputs change dtype: the network's own dropout applies."""
-    monkeypatch.setattr(model.DROPOUT_NOISE, "ahead", True)
-    net = model.SubcorticalNet(dropout=0.3).train()
-    x, atlas = torch.randn(8, 3 * CONV_FEATURES), torch.rand(8, 15)
-    out = []
-    for forward in (type(net).from_conv_features, _layer_by_layer):
-        torch.manual_seed(2)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.append(forward(net, x, atlas))
-    assert out[0].dtype == torch.bfloat16 and torch.equal(out[0], out[1])
