@@ -84,13 +84,13 @@ def rows(entries: dict) -> list[tuple[str, str, str, str, str]]:
         )
     )
     cached = _get(tune, "seconds_epoch_cached")
-    baseline = _get(tune, "seconds_epoch_cached_baseline")
+    before = _get(tune, "seconds_epoch_cached_before")
     out.append(
         (
             "fine-tuning epoch, cached",
             _fmt(cached, " s", 2),
-            ("" if baseline is None else f"cached as it was {_fmt(baseline, ' s', 2)}; ")
-            + "paper: 8 s on a TITAN X GPU",
+            f"the cached code before issue #12 {_fmt(before, ' s', 2)}; "
+            "paper: 8 s on a TITAN X GPU",
             "< 8 s",
             _verdict(cached, lambda v: v < 8),
         )
@@ -107,8 +107,7 @@ def rows(entries: dict) -> list[tuple[str, str, str, str, str]]:
             (
                 "predict.py, one 1 mm scan: stages (s)",
                 by_stage,
-                "README before: N4 8.6, registration 7.0, network 6.9, load, standardisation, "
-                "post-processing and writing 0.5, start-up and the rest 8",
+                "—",
                 "—",
                 "—",
             )
@@ -118,8 +117,7 @@ def rows(entries: dict) -> list[tuple[str, str, str, str, str]]:
         (
             "predict.py, one 1 mm scan, whole command (N4, caches cold)",
             _fmt(whole, " s"),
-            "README before: 31 s; the stages one by one here "
-            + _fmt(_get(predict, "seconds_stages_sum"), " s"),
+            "the stages one by one here " + _fmt(_get(predict, "seconds_stages_sum"), " s"),
             "< 20 s",
             _verdict(whole, lambda v: v < 20),
         )
@@ -130,7 +128,7 @@ def rows(entries: dict) -> list[tuple[str, str, str, str, str]]:
         (
             "source training throughput",
             _fmt(rate, " samples/s"),
-            "README before: 8-epoch fit in 9.9 min (no throughput figure)",
+            "none before",
             "reported",
             "—",
         )
