@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
+from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassStatScores
 
 from subseg import atlas, inference, sharding
 from subseg.labels import NUM_CLASSES, STRUCTURES
 from subseg.model import VIEWS, SubcorticalNet
+
+STAGES = ("train", "val")
 
 
 class SegmentationModule(L.LightningModule):
@@ -37,6 +41,12 @@ class SegmentationModule(L.LightningModule):
         self.net = SubcorticalNet(dropout)
         # Per-class counts over the validation samples, summed across DDP ranks by torchmetrics.
         self.val_counts = MulticlassStatScores(NUM_CLASSES, average="none")
+        # Epoch means of the loss and accuracy, weighted by batch size and reduced across DDP
+        # ranks by torchmetrics. Lightning's own epoch aggregation (self.log on every step)
+        # costs about 0.5 ms a call: a seventh of a fine-tuning epoch on cached features.
+        self.epoch_means = nn.ModuleDict(
+            {f"{stage}_{what}": MeanMetric() for stage in STAGES for what in ("loss", "acc")}
+        )
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B×15) of a :class:`subseg.data.PatchDataset` or ``FeatureDataset`` batch."""
@@ -45,20 +55,32 @@ class SegmentationModule(L.LightningModule):
         return self.net(*(batch[view] for view in VIEWS), batch["prior"])
 
     def _step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits) of one batch, with the loss and accuracy logged."""
+        """(loss, logits) of one batch; its loss and accuracy enter the epoch means."""
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["target"])
         accuracy = (logits.argmax(dim=1) == batch["target"]).float().mean()
         size = len(batch["target"])
-        train = stage == "train"
-        options = dict(batch_size=size, on_step=train, on_epoch=True, sync_dist=not train)
-        self.log(f"{stage}_loss", loss, prog_bar=True, **options)
-        self.log(f"{stage}_acc", accuracy, prog_bar=not train, **options)
+        self.epoch_means[f"{stage}_loss"].update(loss.detach(), weight=size)
+        self.epoch_means[f"{stage}_acc"].update(accuracy, weight=size)
         return loss, logits
 
+    def _log_epoch_means(self, stage: str) -> None:
+        """Log and reset the epoch means: ``train_loss_epoch``, ``train_acc_epoch``, ``val_*``."""
+        suffix = "_epoch" if stage == "train" else ""
+        for what in ("loss", "acc"):
+            mean = self.epoch_means[f"{stage}_{what}"]
+            self.log(f"{stage}_{what}{suffix}", mean.compute(), prog_bar=what == "loss")
+            mean.reset()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy on one batch."""
-        return self._step(batch, "train")[0]
+        """Cross-entropy on one batch (its loss logged for the progress bar and the logger)."""
+        loss = self._step(batch, "train")[0]
+        self.log("train_loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Log the training epoch's mean loss and accuracy."""
+        self._log_epoch_means("train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Loss and accuracy on the held-out voxels; counts for their per-structure Dice."""
@@ -71,6 +93,7 @@ class SegmentationModule(L.LightningModule):
         Logged by every fit, fine-tuning included (which has no held-out whole volume); NaN for
         a structure absent from both the samples and the predictions.
         """
+        self._log_epoch_means("val")
         tp, fp, _, fn, _ = self.val_counts.compute().double().unbind(dim=1)
         dice = (2 * tp / (2 * tp + fp + fn))[1:]  # 0/0 is NaN: nothing to score
         self.val_counts.reset()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from subseg import dense, patches
+from subseg import dense, model, patches
 from subseg.model import NUM_CLASSES, VIEWS, SubcorticalNet, count_trainable
 
 
@@ -109,3 +109,19 @@ def test_dense_refuses_training_mode():
     volume, roi = _volume_and_roi(shape=(12, 12, 12))
     with pytest.raises(RuntimeError, match="eval mode"):
         dense.dense_path_features(model, volume, roi)
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
+    layer = model.Dropout(0.3).train()
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    out = layer(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient passes where kept, scaled alike
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), out)  # the seed decides the mask
+    assert not torch.equal(layer(x), out)  # and the next call draws another
+    assert torch.equal(layer.eval()(x), x)

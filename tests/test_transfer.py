@@ -145,7 +145,11 @@ def test_cached_features_train_exactly_as_patches():
     assert cached["train_loss_epoch"] == pytest.approx(patched["train_loss_epoch"], rel=1e-4)
     assert cached["val_loss"] == pytest.approx(patched["val_loss"], rel=1e-4)
     for name in ("fc1.weight", "classifier.weight", "paths.axial.dense.weight"):
-        assert torch.allclose(cached_state[name], patched_state[name], atol=1e-5), name
+        # The two paths' features differ by float rounding (~1e-6); where a gradient is near
+        # zero, Adam's normalised step can turn that into a difference of up to its lr (1e-4)
+        # in a rare weight. On average they agree a thousand times closer.
+        difference = (cached_state[name] - patched_state[name]).abs()
+        assert difference.max() < 1e-4 and difference.mean() < 1e-7, name
     # The patch path ran the frozen conv stacks: their BatchNorm stayed on the source statistics.
     for name, value in norms_before.items():
         assert torch.equal(patched_state[name], value), name

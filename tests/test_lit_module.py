@@ -1,0 +1,61 @@
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from subseg import data
+from subseg.lit_module import SegmentationModule
+from subseg.model import CONV_FEATURES, VIEWS
+
+
+class _StepLosses(L.Callback):
+    def __init__(self):
+        self.losses, self.sizes = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.sizes.append(len(batch["target"]))
+
+
+def test_epoch_means_weigh_every_sample_once():
+    """train_loss_epoch is the sample-weighted mean of the step losses; val_loss and val_acc
+    are those of the held-out samples under the final weights (the last batch is short)."""
+    torch.manual_seed(0)
+    n = 300
+    features = torch.randn(n, CONV_FEATURES * len(VIEWS)).half()
+    prior = torch.softmax(torch.randn(n, 15), dim=1)
+    targets = torch.randint(0, 15, (n,))
+    pooled = data.FeatureDataset(features, prior, targets)
+    train_idx, val_idx = np.arange(0, 230), np.arange(230, n)  # 230 = 3 × 64 + 38
+
+    def loader(indices):
+        return DataLoader(pooled.subset(indices), batch_size=64, collate_fn=data.collate_batch)
+
+    module = SegmentationModule(dropout=0.3, lr=1e-3)
+    recorder = _StepLosses()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, loader(train_idx), loader(val_idx))
+    metrics = trainer.callback_metrics
+    assert recorder.sizes == [64, 64, 64, 38]
+    expected = np.average(recorder.losses, weights=recorder.sizes)
+    assert float(metrics["train_loss_epoch"]) == pytest.approx(expected, rel=1e-6)
+    assert 0.0 <= float(metrics["train_acc_epoch"]) <= 1.0
+
+    module.eval()
+    with torch.no_grad():
+        logits = torch.cat([module(b) for b in loader(val_idx)])
+    truth = targets[val_idx]
+    assert float(metrics["val_loss"]) == pytest.approx(float(F.cross_entropy(logits, truth)))
+    accuracy = float((logits.argmax(dim=1) == truth).float().mean())
+    assert float(metrics["val_acc"]) == pytest.approx(accuracy)
