@@ -109,17 +109,20 @@ def prepare(dataset: Mapping) -> Path:
     return root
 
 
-def list_subjects(dataset: Mapping) -> list[Subject]:
+def list_subjects(dataset: Mapping, require_labels: bool = True) -> list[Subject]:
     """List a cohort's subjects from its dataset entry.
 
     Args:
         dataset: a ``conf/dataset`` entry (``root``, ``image``, ``label``, optional ``ids``).
+        require_labels: a subject without a label file is an error; otherwise it is listed
+            with ``label=None`` (fine-tuning uses the labelled ones of a partly labelled cohort).
 
     Returns:
         Subjects sorted by id.
 
     Raises:
-        io.InputError: the root is missing, no image matches, or a listed subject's file is missing.
+        io.InputError: the root is missing, no image matches, or a listed subject's image (or,
+            with ``require_labels``, label) is missing.
     """
     root = prepare(dataset)
     name = dataset.get("name", root.name)
@@ -140,7 +143,7 @@ def list_subjects(dataset: Mapping) -> list[Subject]:
                 f"{_expected(root, image_patterns, sid)}: image of subject '{sid}' not found"
             )
         label = _first_existing(root, label_patterns, sid) if label_patterns else None
-        if label_patterns and label is None:
+        if label_patterns and label is None and require_labels:
             raise io.InputError(
                 f"{_expected(root, label_patterns, sid)}: label of subject '{sid}' not found"
             )
@@ -191,6 +194,7 @@ def draw_target(
     test_ids: Sequence[str] | None = None,
     seed: int = 0,
     fold: int | None = None,
+    chosen: Sequence[str] | None = None,
 ) -> dict[str, list[str]]:
     """The target images of TL-k, draw j: nested (TL-k ⊂ TL-(k+1) for the same draw).
 
@@ -198,7 +202,8 @@ def draw_target(
     set is the published list, or every subject not drawn for training (docs/method.md §5).
     ``n_images="all"`` takes every candidate (full training on the target); ``fold=i`` makes
     the i-th subject (sorted ids) the only test subject and every other a candidate: fold i of a
-    leave-one-out. (To leave out a subject by id, give ``test_ids=[id]``.)
+    leave-one-out. (To leave out a subject by id, give ``test_ids=[id]``.) ``chosen`` names the
+    k images instead of drawing them: the scans a user labelled to adapt to.
 
     Args:
         ids: the cohort's subject ids.
@@ -207,13 +212,14 @@ def draw_target(
         test_ids: the published test list, if any (never drawn for training).
         seed: the cohort's split seed.
         fold: leave-one-out fold, an index into the sorted ids: the only test subject.
+        chosen: the training images by id (``n_images`` must be their number).
 
     Returns:
         ``{"train": [...], "val": [], "test": [...]}`` (validation is voxel-level).
 
     Raises:
-        io.InputError: more images asked for than the cohort has outside its test list, or a
-            fold the cohort does not have.
+        io.InputError: more images asked for than the cohort has outside its test list, a
+            fold the cohort does not have, or chosen images that are not candidates.
     """
     ids = sorted(map(str, ids))
     published = None if test_ids is None else sorted(map(str, test_ids))
@@ -231,8 +237,22 @@ def draw_target(
             f"target.n_images={n_images}: the cohort has {len(candidates)} subjects to draw from"
             " (give a number or 'all')"
         )
-    order = np.random.default_rng([seed, draw]).permutation(candidates).tolist()
-    train = sorted(order[:n_images])
+    if chosen is not None:
+        train = sorted(set(map(str, chosen)))
+        unknown = [i for i in train if i not in set(candidates)]
+        if unknown:
+            raise io.InputError(
+                f"target.ids: {', '.join(unknown)}: not a labelled scan of the cohort outside "
+                "its test list"
+            )
+        if len(train) != n_images:
+            raise io.InputError(
+                f"target.ids names {len(train)} scans but target.n_images={n_images}: give "
+                f"target.n_images={len(train)} (the run's k)"
+            )
+    else:
+        order = np.random.default_rng([seed, draw]).permutation(candidates).tolist()
+        train = sorted(order[:n_images])
     test = published if published is not None else [i for i in ids if i not in set(train)]
     if not test:
         raise io.InputError(

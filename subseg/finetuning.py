@@ -125,14 +125,27 @@ def _check_run_folder(run: RunFolder, method: str, init: str) -> None:
 
 
 def _draw(cfg: DictConfig, dataset: dict) -> dict:
-    """The k training images of this draw; the rest are the test subjects."""
+    """The k training images (drawn, or named by ``target.ids``); the labelled rest are tested.
+
+    A cohort may hold scans without labels (the ones a user has not labelled): they are neither
+    trained on nor tested, and a line says how many.
+    """
+    subjects = cohort.list_subjects(dataset, require_labels=False)
+    unlabelled = [s.id for s in subjects if s.label is None]
+    if unlabelled:
+        print(
+            f"subseg: {len(unlabelled)} of the {len(subjects)} scans of {dataset.get('name')} "
+            "have no label: they are not used here (segment them with predict.py)"
+        )
+    chosen = cfg.target.get("ids")
     draw = cohort.draw_target(
-        [s.id for s in cohort.list_subjects(dataset)],
+        [s.id for s in subjects if s.label is not None],
         cfg.target.n_images,
         int(cfg.target.draw),
         dataset.get("test_ids"),
         int((dataset.get("split") or {}).get("seed", 0)),
         cfg.target.get("fold"),
+        None if chosen is None else [str(i) for i in chosen],
     )
     if cfg.init == "scratch" and not draw["train"]:
         raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")

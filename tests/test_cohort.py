@@ -49,6 +49,20 @@ def test_missing_label_and_empty_root_are_named(tmp_path):
         cohort.list_subjects(_dataset("folder", f"dataset.root={tmp_path / 'absent'}"))
 
 
+def test_a_partly_labelled_folder_lists_its_unlabelled_scans_when_asked(tmp_path):
+    root = _folder_cohort(tmp_path / "cohort", ["a01", "c03"])
+    write_nifti(root / "images" / "b02.nii.gz", np.ones((4, 4, 4)))
+    dataset = _dataset("folder", f"dataset.root={root}")
+    subjects = cohort.list_subjects(dataset, require_labels=False)
+    assert [(s.id, s.label is None) for s in subjects] == [
+        ("a01", False),
+        ("b02", True),
+        ("c03", False),
+    ]
+    with pytest.raises(io.InputError, match="label of subject 'b02' not found"):
+        cohort.list_subjects(dataset)  # training and evaluation still need every label
+
+
 def test_miccai_layout_with_published_split(tmp_path):
     ds = _dataset("miccai2012", f"dataset.root={tmp_path}")
     assert len(ds["ids"]) == 35 and len(ds["test_ids"]) == 20
@@ -202,3 +216,17 @@ def test_full_training_and_leave_one_out_folds():
         cohort.draw_target(ids, "all")
     with pytest.raises(io.InputError, match="target.n_images=some"):
         cohort.draw_target(ids, "some")
+
+
+def test_target_images_named_by_id_and_the_labelled_rest_tested():
+    ids = [f"t{i:02d}" for i in range(6)]
+    chosen = cohort.draw_target(ids, 2, draw=3, chosen=["t04", "t01"])
+    assert chosen == {"train": ["t01", "t04"], "val": [], "test": ["t00", "t02", "t03", "t05"]}
+    published = cohort.draw_target(ids, 1, test_ids=["t00"], chosen=["t02"])
+    assert published["train"] == ["t02"] and published["test"] == ["t00"]
+    with pytest.raises(io.InputError, match="target.ids: t09: not a labelled scan"):
+        cohort.draw_target(ids, 1, chosen=["t09"])
+    with pytest.raises(io.InputError, match="target.ids: t00: not a labelled scan"):
+        cohort.draw_target(ids, 1, test_ids=["t00"], chosen=["t00"])
+    with pytest.raises(io.InputError, match="names 2 scans but target.n_images=1"):
+        cohort.draw_target(ids, 1, chosen=["t01", "t02"])

@@ -212,6 +212,31 @@ def test_predict_feeds_the_model_what_it_was_trained_with(source_run):
         assert last.startswith(f"subseg: error: {run}: the model was trained with {recorded}")
 
 
+@pytest.mark.slow
+def test_finetune_on_the_scans_named_in_a_partly_labelled_folder(source_run, capsys):
+    """A user's folder: some scans labelled, some not; fine-tune on exactly the named ones."""
+    import shutil
+
+    root, paths, source = source_run
+    _finetune(root, paths, source, "k0_for_data", "target.n_images=0")  # the tiny cohort exists
+    tiny = root / "data" / "synth" / "synth_tiny_target"
+    folder = root / "partly_labelled"
+    shutil.copytree(tiny / "images", folder / "images")
+    shutil.copytree(tiny / "labels", folder / "labels")
+    ids = sorted(p.name.removesuffix(".nii.gz") for p in (folder / "images").glob("*.nii.gz"))
+    (folder / "labels" / f"{ids[3]}.nii.gz").unlink()  # not labelled yet
+    cohort = ["dataset=folder", f"dataset.root={folder}", "dataset.label_ids=aseg"]
+    summary, run = _finetune(
+        root, paths, source, "chosen", *cohort, "target.n_images=1", f"target.ids=[{ids[2]}]"
+    )
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["train"] == [ids[2]] and splits["test"] == [ids[0], ids[1]]
+    assert summary["method"] == "tl1" and summary["n_subjects"] == 2
+    assert "1 of the 4 scans of folder have no label: they are not used" in capsys.readouterr().out
+    with pytest.raises(io.InputError, match=f"target.ids: {ids[3]}: not a labelled scan"):
+        _finetune(root, paths, source, "bad", *cohort, f"target.ids=[{ids[3]}]")
+
+
 def test_finetune_without_a_source_is_one_line(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}"])
