@@ -30,19 +30,13 @@ def check_subjects(subjects: list, protocol) -> list:
 
 
 def check_cohort(dataset: Mapping, ids=None) -> list:
-    """The cohort's subjects (those of ``ids`` when given, all labelled), every file checked.
+    """The cohort's subjects (those of ``ids`` when given), every file checked.
 
-    Raises:
-        io.InputError: a subject used has no label file (others may lack one).
+    Every subject listed must be labelled; with ``ids``, the cohort's other subjects may not be
+    (a partly labelled folder, for fine-tuning).
     """
-    if ids is None:
-        return check_subjects(cohort.list_subjects(dataset), dataset["label_ids"])
-    subjects = [s for s in cohort.list_subjects(dataset, require_labels=False) if s.id in set(ids)]
-    for subject in subjects:
-        if subject.label is None:
-            raise io.InputError(
-                f"{subject.image}: subject '{subject.id}' is used here but has no label file"
-            )
+    listed = dataset if ids is None else {**dataset, "ids": sorted(ids)}
+    subjects = cohort.list_subjects(listed)
     return check_subjects(subjects, dataset["label_ids"])
 
 
