@@ -181,28 +181,14 @@ def rows(entries: dict) -> list[tuple[str, str, str, str, str]]:
                 _verdict(peak, lambda v, g=goal_mb: v < g),
             )
         )
-    n4 = entries.get("n4_bias_correction")
-    if n4:
-        out.append(
-            (
-                "N4 per scan, shrink 4 (optional bench)",
-                _fmt(_get(n4, "seconds_default"), " s"),
-                f"full resolution {_fmt(_get(n4, 'seconds_full'), ' s')}",
-                "—",
-                "—",
-            )
-        )
-    registration = entries.get("atlas_registration")
-    if registration:
-        out.append(
-            (
-                "atlas registration per scan, default (optional bench)",
-                _fmt(_get(registration, "seconds_default"), " s"),
-                f"at 1 mm {_fmt(_get(registration, 'seconds_full'), ' s')}",
-                "—",
-                "—",
-            )
-        )
+    for key, label, reference in (
+        ("n4_bias_correction", "N4 per scan, shrink 4 (optional bench)", "full resolution"),
+        ("atlas_registration", "atlas registration per scan, default (optional bench)", "at 1 mm"),
+    ):
+        entry = entries.get(key)
+        if entry:
+            default, full = _get(entry, "seconds_default"), _get(entry, "seconds_full")
+            out.append((label, _fmt(default, " s"), f"{reference} {_fmt(full, ' s')}", "—", "—"))
     return out
 
 
