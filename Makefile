@@ -43,9 +43,9 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
 
-# The scaling figures in one run, then their table (outputs/bench/bench.json, table.md): about
-# 11 min on 2 quiet cores once the source cohort's N4 and atlas caches exist (bench_source makes
-# them on a fresh clone: about 5 min more). bench_n4.py (6 min: N4 at full resolution) and
+# The scaling figures in one run, then their table (outputs/bench/bench.json, table.md): 12.7 min
+# on a fresh clone here (2 cores), 5.5 min of it generating, bias-correcting and registering the
+# source cohort (cached for later runs). bench_n4.py (6 min: N4 at full resolution) and
 # bench_registration.py (registration at 1 mm) are left out; add them with
 #   make bench BENCH_EXTRA="bench/bench_n4.py bench/bench_registration.py"
 # A bench that fails is reported and the others still run; the exit status says so.
