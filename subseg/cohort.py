@@ -200,7 +200,8 @@ def draw_target(
 
     One seeded permutation of the candidates per draw; TL-k takes its first ``k``. The test
     set is the published list, or every subject not drawn for training (docs/method.md §5).
-    ``n_images="all"`` takes every candidate (full training on the target); ``fold=i`` makes
+    ``n_images="all"`` takes every candidate (full training on the target; with no published
+    test list nothing is left to test, and the test list is empty); ``fold=i`` makes
     the i-th subject (sorted ids) the only test subject and every other a candidate: fold i of a
     leave-one-out. (To leave out a subject by id, give ``test_ids=[id]``.) ``chosen`` names the
     k images instead of drawing them: the scans a user labelled to adapt to.
@@ -253,12 +254,9 @@ def draw_target(
     else:
         order = np.random.default_rng([seed, draw]).permutation(candidates).tolist()
         train = sorted(order[:n_images])
+    # Empty when every labelled scan is trained on: a user's own adaptation, which has no
+    # held-out scan to measure (the fine-tuning run says so, and offers target.loo).
     test = published if published is not None else [i for i in ids if i not in set(train)]
-    if not test:
-        raise io.InputError(
-            f"target.n_images={n_images}: every subject would be trained on and none tested; "
-            "keep some out (+experiment=loo, or a published test_ids list)"
-        )
     return {"train": train, "val": [], "test": test}
 
 

@@ -12,17 +12,21 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from subseg import cache, cohort, figures, inference, io, metrics, overlay, sides
+from subseg import cache, cohort, figures, inference, io, metrics, overlay, quality, sides
 from subseg.contract import InputContract, as_dict
 from subseg.preparation import cached_subjects, check_cohort
 from subseg.run_folder import RunFolder
 from subseg.trained_model import load_network, model_of
 
+COLUMNS = (*metrics.COLUMNS, *quality.COLUMNS)
+"""``metrics.csv``: the Dice and distances against the label, and the label-free quality score
+``predict.py`` gives (so the score can be checked against true Dice)."""
+
 
 def evaluate_subjects(
     net, subjects, qc_dir: Path | None = None, seg_dir: Path | None = None
 ) -> list[dict]:
-    """Segment labelled subjects and return their ``metrics.csv`` rows.
+    """Segment labelled subjects and return their ``metrics.csv`` rows (:data:`COLUMNS`).
 
     Args:
         net: the network, in eval mode.
@@ -34,15 +38,18 @@ def evaluate_subjects(
     rows = []
     for subject, item in subjects:
         volume = np.asarray(item["image"][0])
-        classes, _ = inference.segment(net, volume, item["prior"])
+        classes, probabilities = inference.segment(net, volume, item["prior"])
         sides.warn_sides(classes, item["image"].affine.numpy(), f"{subject.id} (segmentation)")
         if seg_dir is not None:
             stored = io.load_image(subject.image)
             io.save_like(classes.astype(np.uint8), stored, seg_dir / f"{subject.id}_seg.nii.gz")
         spacing = item["image"].meta["spacing"]
-        rows += metrics.structure_metrics(
+        scores = quality.structure_scores(classes, probabilities, item["prior"])
+        measured = metrics.structure_metrics(
             subject.id, classes, np.asarray(item["label"][0]), spacing
         )
+        for row, score in zip(measured, scores, strict=True):
+            rows.append({**row, **{k: score[k] for k in quality.COLUMNS}})
         if qc_dir is not None:
             overlay.save_overlay(
                 volume,
@@ -91,7 +98,7 @@ def publish(
     summary.update(extra or {})
     if rank != 0:
         return summary
-    run.publish_results(rows, list(metrics.COLUMNS), summary)
+    run.publish_results(rows, list(COLUMNS), summary)
     if run.log_file.is_file():
         figures.learning_curve(run.log_file, run.learning_curve_file)
     overlays = sorted(str(p) for p in run.qc_dir.glob("*_seg.png"))[:4]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from subseg import cache, cohort, evaluation, fitting, io
+from subseg import cache, cohort, evaluation, fitting, io, metrics
 from subseg import contract as contracts
 from subseg.contract import as_dict
 from subseg.preparation import (
@@ -42,7 +42,8 @@ def method_key(cfg: DictConfig) -> str:
             return f"{prefix}full"
         return f"{prefix}{'mixed' if cfg.get('mix_source') else 'scratch'}{k}"
     preset = "" if cfg.freeze.name == "paper" else f"_{cfg.freeze.name}"
-    return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}"
+    picked = "_suggested" if (cfg.target.get("pick") or "random") == "suggested" else ""
+    return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}{picked}"
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -56,6 +57,18 @@ def check_options(cfg: DictConfig) -> None:
         raise io.InputError(f"init={cfg.init}: choose source (transfer) or scratch")
     if cfg.intensity not in ("zscore", "nyul"):
         raise io.InputError(f"intensity={cfg.intensity}: choose zscore or nyul")
+    pick = cfg.target.get("pick") or "random"
+    if pick not in ("random", "suggested"):
+        raise io.InputError(f"target.pick={pick}: choose random (a seeded draw) or suggested")
+    if pick == "suggested" and (cfg.target.get("ids") is not None or k == "all" or k == 0):
+        raise io.InputError(
+            f"target.pick=suggested takes the top k scans of suggest.py's ranking: give "
+            f"target.n_images=k >= 1 and no target.ids (n_images={k})"
+        )
+    if pick == "suggested" and cfg.init == "scratch":
+        raise io.InputError("target.pick=suggested ranks scans with the source model: init=source")
+    if not isinstance(cfg.target.get("loo", False), bool):
+        raise io.InputError(f"target.loo={cfg.target.loo}: true or false")
     fold = cfg.target.get("fold")
     if fold is not None and (k != "all" or f"loo{fold}" not in str(cfg.name)):
         raise io.InputError(
@@ -124,11 +137,16 @@ def _check_run_folder(run: RunFolder, method: str, init: str) -> None:
         )
 
 
-def _draw(cfg: DictConfig, dataset: dict) -> dict:
-    """The k training images (drawn, or named by ``target.ids``); the labelled rest are tested.
+def _draw(cfg: DictConfig, dataset: dict, source_ckpt, contract) -> tuple[dict, object]:
+    """The k training images (drawn, named or suggested); the labelled rest are tested.
 
     A cohort may hold scans without labels (the ones a user has not labelled): they are neither
-    trained on nor tested, and a line says how many.
+    trained on nor tested, and a line says how many. ``target.pick=suggested`` ranks the scans
+    outside the published test list with :mod:`subseg.suggestion` (reading no label) and takes
+    the top k, which must be labelled.
+
+    Returns:
+        (the splits, the ranking — ``(rows, ids, distances)`` — or ``None`` when not suggested).
     """
     subjects = cohort.list_subjects(dataset, require_labels=False)
     unlabelled = [s.id for s in subjects if s.label is None]
@@ -138,6 +156,16 @@ def _draw(cfg: DictConfig, dataset: dict) -> dict:
             "have no label: they are not used here (segment them with predict.py)"
         )
     chosen = cfg.target.get("ids")
+    ranking = None
+    if (cfg.target.get("pick") or "random") == "suggested":
+        ranking = _suggest(dataset, subjects, source_ckpt, contract)
+        chosen = [row["scan"] for row in ranking[0][: int(cfg.target.n_images)]]
+        missing = [s for s in subjects if s.id in set(chosen) and s.label is None]
+        if missing:
+            raise io.InputError(
+                f"{missing[0].image}: suggested for labelling (target.pick=suggested) but it has "
+                "no label: label it, or fine-tune on target.ids=[…]"
+            )
     draw = cohort.draw_target(
         [s.id for s in subjects if s.label is not None],
         cfg.target.n_images,
@@ -149,7 +177,34 @@ def _draw(cfg: DictConfig, dataset: dict) -> dict:
     )
     if cfg.init == "scratch" and not draw["train"]:
         raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
-    return draw
+    if not draw["test"] and not draw["train"]:
+        raise io.InputError(f"{dataset.get('root')}: no labelled scans to test or fine-tune on")
+    if cfg.target.get("loo") and (draw["test"] or len(draw["train"]) < 2):
+        raise io.InputError(
+            "target.loo=true estimates a run with no held-out scan by leaving each labelled scan "
+            f"out in turn: it needs >= 2 labelled scans, all trained on (this run trains on "
+            f"{len(draw['train'])} and tests {len(draw['test'])})"
+        )
+    return draw, ranking
+
+
+def _suggest(dataset: dict, subjects: list, source_ckpt, contract):
+    """Rank the scans outside the published test list (their images only) for labelling."""
+    from subseg import suggestion
+    from subseg.trained_model import load_network
+
+    published = {str(i) for i in dataset.get("test_ids") or []}
+    pool = {s.id: s.image for s in subjects if s.id not in published}
+    if not pool:
+        raise io.InputError(f"{dataset.get('root')}: no scans outside the test list to suggest")
+    if contract.intensity == "nyul" and contract.landmarks is None:
+        raise io.InputError(
+            "target.pick=suggested ranks scans as the source model sees them: "
+            "use intensity=zscore (or run suggest.py, then target.ids=[…])"
+        )
+    features = suggestion.features_of(load_network(source_ckpt), contract, pool)
+    ids, d = suggestion.distances(features)
+    return suggestion.coverage_ranking(ids, d), ids, d
 
 
 def _load_source_weights(net, source_ckpt: Path, k: int) -> dict:
@@ -281,6 +336,90 @@ def _retention(cfg, net, source_dir: RunFolder, source_cfg, contract, run: RunFo
         return None
 
 
+def _without_test(cfg: DictConfig, run: RunFolder, record: dict, first: bool, train) -> dict:
+    """The results of a run that trained on every labelled scan: none held out to measure.
+
+    Its ``metrics.csv`` is empty and ``summary.json`` says ``held_out: 0``; with
+    ``target.loo=true`` it holds the leave-one-out estimate (:func:`_leave_one_out`).
+    """
+    summary = {
+        "method": method_key(cfg),
+        "n_images": record["n_images"],
+        "n_subjects": 0,
+        "held_out": 0,
+        "checkpoint": str(run.checkpoint.relative_to(run.path)),
+        **({"fit": record["fit"]} if "fit" in record else {}),
+    }
+    if cfg.target.get("loo"):
+        summary["loo_estimate"] = _leave_one_out(cfg, run, train)
+        estimate = summary["loo_estimate"]
+        says = (
+            f"leave-one-out estimate (TL-{len(train) - 1} on each left-out scan): mean Dice "
+            f"{estimate['avg']:.3f} (per scan {estimate['avg_min']:.3f}–{estimate['avg_max']:.3f})"
+        )
+    elif len(train) >= 2:
+        says = (
+            f"add target.loo=true for a leave-one-out estimate ({len(train)} more fits, each on "
+            f"{len(train) - 1} scans, tested on the one left out)"
+        )
+    else:
+        says = "label a second scan to estimate it (target.loo=true leaves each out in turn)"
+    if first:
+        run.publish_results([], list(evaluation.COLUMNS), summary)
+    print(
+        f"subseg: {method_key(cfg)} fine-tuned on every labelled scan ({', '.join(train)}): no "
+        f"held-out scan, so its Dice on your scanner is not measured here; {says}. "
+        f"Run folder {run.path}"
+    )
+    return summary
+
+
+def _leave_one_out(cfg: DictConfig, run: RunFolder, train: list[str]) -> dict:
+    """Fine-tune once per labelled scan on all the others and test it on the one left out.
+
+    Each fold is a fine-tuning run of its own in ``<run>/loo/<id>`` (reused when complete); the
+    estimate pools their test metrics (one scan each), and is a little pessimistic: each fold
+    has one labelled scan fewer than the run it estimates.
+    """
+    from omegaconf import OmegaConf
+
+    rows, per_fold = [], {}
+    for left_out in train:
+        fold_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        kept = [i for i in train if i != left_out]
+        fold_cfg.target.ids, fold_cfg.target.n_images = kept, len(kept)
+        fold_cfg.target.loo, fold_cfg.target.pick = False, "random"
+        fold_cfg.evaluate_source = False
+        fold_cfg.target.fold_of = str(run.path)  # the report counts the run, not its folds
+        fold = RunFolder(run.path / "loo" / left_out)
+        fold.config_file.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(fold_cfg, fold.config_file)
+        print(f"subseg: leave-one-out fold: fine-tune on {', '.join(kept)}, test on {left_out}")
+        per_fold[left_out] = finetune(fold_cfg, fold.path)["avg"]
+        rows += _read_metrics(fold.metrics_file)
+    pooled = metrics.summarize(rows)
+    return {
+        "avg": pooled["avg"],
+        "wavg": pooled["wavg"],
+        "avg_min": min(per_fold.values()),
+        "avg_max": max(per_fold.values()),
+        "per_fold": per_fold,
+        "n_images_per_fold": len(train) - 1,
+        "per_structure": pooled["per_structure"],
+    }
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("dsc", "vol_ref_mm3"):
+            row[key] = float(row[key])
+    return rows
+
+
 def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Adapt a source model to a target cohort from k labelled images, and evaluate it.
 
@@ -311,7 +450,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     init = "scratch" if cfg.init == "scratch" else str(source_ckpt)
     _check_run_folder(run, method_key(cfg), init)
     dataset = as_dict(cfg.dataset)
-    draw = _draw(cfg, dataset)
+    draw, ranking = _draw(cfg, dataset, source_ckpt, contract)
     # Everything that can be refused is checked before the run folder is touched.
     subjects = check_cohort(dataset, {i for ids in draw.values() for i in ids})
     L.seed_everything(int(cfg.seed), workers=True)
@@ -327,6 +466,10 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         )
     if is_first_process():
         run.write_environment(str(cfg.trainer.accelerator))
+        if ranking is not None:  # the ranking the k scans came from, as suggest.py writes it
+            from subseg import suggestion
+
+            suggestion.write(*ranking, int(cfg.target.n_images), run.path)
     splits, subjects, source, contract = prepare_run(cfg, run, subjects, draw, contract)
     if cfg.intensity == "nyul" and contract.landmarks is None:
         contract.landmarks = nyul_landmarks(source_dir, source_cfg, contract)
@@ -345,8 +488,11 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
         loggers, first = trainer.loggers, trainer.is_global_zero
     if first:
         run.write_json(run.transfer_file, record)
-    # Every rank of a DDP job segments its share of the test subjects; the first writes.
-    summary = _evaluate(cfg, run, net, cached, splits["test"], by_id, loggers, record)
+    if splits["test"]:
+        # Every rank of a DDP job segments its share of the test subjects; the first writes.
+        summary = _evaluate(cfg, run, net, cached, splits["test"], by_id, loggers, record)
+    else:
+        summary = _without_test(cfg, run, record, first, splits["train"])
     if cfg.evaluate_source and source_dir is not None:
         retained = _retention(cfg, net, source_dir, source_cfg, contract, run)
         if retained is not None and first:

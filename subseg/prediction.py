@@ -15,11 +15,11 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
 
-from subseg import cache, inference, io, overlay, sides
+from subseg import cache, inference, io, overlay, quality, sides
 from subseg import labels as label_protocol
 from subseg.trained_model import load_network, model_of
 
-VOLUME_COLUMNS = ["subject", "structure", "volume_mm3"]
+VOLUME_COLUMNS = ["subject", "structure", "volume_mm3", "qc"]
 FAILURE_COLUMNS = ["scan", "error"]
 
 
@@ -96,14 +96,25 @@ def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> li
         out_dir / f"{subject}_seg.nii.gz",
     )
     counts = np.bincount(classes.ravel(), minlength=label_protocol.NUM_CLASSES)
+    scores = quality.structure_scores(classes, probabilities, prior)
     return [
         {
             "subject": subject,
             "structure": name,
             "volume_mm3": float(counts[c] * image.voxel_volume_mm3),
+            "qc": score["qc"],
         }
-        for c, name in enumerate(label_protocol.STRUCTURES, 1)
+        for (c, name), score in zip(enumerate(label_protocol.STRUCTURES, 1), scores, strict=True)
     ]
+
+
+def quality_table(rows: list[dict], threshold: float = quality.FLAG_BELOW) -> list[dict]:
+    """``qc.csv``: one row per scan, the likeliest wrong first (lowest structure score)."""
+    by_scan: dict[str, list[dict]] = {}
+    for row in rows:
+        by_scan.setdefault(row["subject"], []).append(row)
+    table = [quality.scan_summary(s, scans, threshold) for s, scans in by_scan.items()]
+    return sorted(table, key=lambda r: (r["qc_min"], r["subject"]))
 
 
 def predict(cfg: DictConfig) -> list[dict]:
@@ -111,8 +122,10 @@ def predict(cfg: DictConfig) -> list[dict]:
 
     Writes to ``cfg.out_dir``: ``<id>_seg.nii.gz`` (same shape, affine and orientation as the
     input; classes 0–14 or the raw ids of ``cfg.raw_ids``), ``<id>_qc.png``, optionally
-    ``<id>_prob.nii.gz``, ``volumes.csv`` (subject, structure, volume_mm3) and, when some scans
-    failed, ``failures.csv`` (scan, error).
+    ``<id>_prob.nii.gz``, ``volumes.csv`` (subject, structure, volume_mm3, qc: the label-free
+    quality score of :mod:`subseg.quality`), ``qc.csv`` (one row per scan, the likeliest wrong
+    first, ``flagged`` when a structure scores below :data:`subseg.quality.FLAG_BELOW`) and,
+    when some scans failed, ``failures.csv`` (scan, error).
 
     Returns:
         The rows of ``volumes.csv``.
@@ -127,7 +140,8 @@ def predict(cfg: DictConfig) -> list[dict]:
     files = input_images(cfg.input)
     check_batch(files)
     io.ensure_writable(out_dir)
-    for stale in [out_dir / "failures.csv", *(p for f in files for p in _outputs(out_dir, f))]:
+    stale_tables = [out_dir / "failures.csv", out_dir / "qc.csv"]
+    for stale in [*stale_tables, *(p for f in files for p in _outputs(out_dir, f))]:
         stale.unlink(missing_ok=True)  # an earlier batch's outputs of these scans
     print(f"subseg: input: {contract.describe()}")
     prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
@@ -144,8 +158,18 @@ def predict(cfg: DictConfig) -> list[dict]:
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)
         io.write_csv(rows, VOLUME_COLUMNS, out_dir / "volumes.csv")
+        io.write_csv(quality_table(rows), quality.SCAN_COLUMNS, out_dir / "qc.csv")
     done = len(files) - len(failures)
     print(f"subseg: {done} of {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")
+    flagged = [r for r in quality_table(rows) if r["flagged"]]
+    if flagged:
+        names = ", ".join(
+            f"{r['subject']} ({r['worst_structure']} {r['qc_min']:.2f})" for r in flagged[:5]
+        )
+        print(
+            f"subseg: check first: {len(flagged)} scan(s) with a structure scoring below "
+            f"{quality.FLAG_BELOW} ({names}{' …' if len(flagged) > 5 else ''}); all in qc.csv"
+        )
     if failures:
         io.write_csv(failures, FAILURE_COLUMNS, out_dir / "failures.csv")
         raise io.InputError(

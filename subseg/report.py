@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from subseg import cache, environment, io, metrics, stats
+from subseg import cache, environment, io, metrics, quality, stats
 from subseg.labels import STRUCTURES
 from subseg.run_folder import RunFolder
 
@@ -66,8 +66,10 @@ def _read_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for key in metrics.COLUMNS[2:]:
-            row[key] = float(row[key]) if row[key] not in ("", None) else float("nan")
+        # Runs from before the quality score lack its columns.
+        for key in (*metrics.COLUMNS[2:], *quality.COLUMNS):
+            value = row.get(key)
+            row[key] = float(value) if value not in ("", None) else float("nan")
     return rows
 
 
@@ -93,8 +95,13 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             summary = run.read_json(run.summary_file)
             if "method" not in summary:  # a training or evaluation run
                 continue
+            if summary.get("held_out") == 0:  # trained on every labelled scan: nothing tested
+                print(f"subseg: skipped {folder}: it holds no held-out scan", file=sys.stderr)
+                continue
             config = run.config() if run.config_file.is_file() else {}
             target = config.get("target") or {}
+            if target.get("fold_of"):  # a leave-one-out fold of a run with no held-out scan
+                continue
             source_metrics = run.source_test.metrics_file
             if summary["method"] == "no_tl" and not source_metrics.is_file():
                 source_metrics = _source_model_metrics(run)  # No TL is the source model

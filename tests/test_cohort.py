@@ -212,8 +212,8 @@ def test_full_training_and_leave_one_out_folds():
         cohort.draw_target(ids, "all", fold=6)
     with pytest.raises(io.InputError, match="fold=t03: the cohort has 6 subjects"):
         cohort.draw_target(ids, "all", fold="t03")
-    with pytest.raises(io.InputError, match="every subject would be trained on and none tested"):
-        cohort.draw_target(ids, "all")
+    everything = cohort.draw_target(ids, "all")  # a user's every labelled scan: none held out
+    assert everything == {"train": sorted(ids), "val": [], "test": []}
     with pytest.raises(io.InputError, match="target.n_images=some"):
         cohort.draw_target(ids, "some")
 

@@ -310,3 +310,130 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
     table = (root / "report" / "report.md").read_text()
     assert "| structure |" in table and "tl2" in table
     assert (root / "report" / "learning_curve.png").stat().st_size > 5_000
+
+
+def _ids_of(folder):
+    return sorted(p.name.removesuffix(".nii.gz") for p in folder.glob("*.nii.gz"))
+
+
+@pytest.mark.slow
+def test_adapt_to_your_scanner_suggest_label_finetune_segment_the_rest(source_run, tmp_path):
+    """The user's loop on 6 unlabelled scans: suggest 2 → label them (one by correcting the
+    source model's segmentation) → fine-tune on exactly those, no test set → segment the 4 others.
+    """
+    import shutil
+
+    from subseg import synth, transforms
+
+    root, paths, source = source_run
+    params = synth.CohortParams(domain="target", n_subjects=6, seed=3, voxel_scale=2.5)
+    generated = synth.ensure_cohort(tmp_path / "generated", params, progress=False)
+    folder = tmp_path / "my_scanner"
+    shutil.copytree(generated / "images", folder / "images")
+    scans = _ids_of(folder / "images")
+    assert len(scans) == 6
+
+    # 1. Which to label: suggest.py reads the images and the source model only.
+    _run(
+        "suggest.py",
+        f"source_run={source}",
+        f"input={folder / 'images'}",
+        "n=2",
+        f"out_dir={tmp_path / 'suggest'}",
+        cwd=root,
+    )
+    with open(tmp_path / "suggest" / "suggest.csv", newline="") as f:
+        ranking = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in ranking] == list(range(1, 7))
+    assert sorted(r["scan"] for r in ranking) == scans
+    assert (tmp_path / "suggest" / "suggest.png").stat().st_size > 0
+    first, second = ranking[0]["scan"], ranking[1]["scan"]
+
+    # 2. Label them: the first by correcting the source model's own segmentation (raw ids, as
+    # ITK-SNAP or 3D Slicer would open and save it), the second drawn from scratch.
+    draft = tmp_path / "draft"
+    _run(
+        "predict.py",
+        f"ckpt={source / 'checkpoints' / 'best.ckpt'}",
+        f"input={folder / 'images' / f'{first}.nii.gz'}",
+        "raw_ids=aseg",
+        f"out_dir={draft}",
+        cwd=root,
+    )
+    predicted = nib.load(draft / f"{first}_seg.nii.gz")
+    image = nib.load(folder / "images" / f"{first}.nii.gz")
+    assert predicted.shape == image.shape and np.allclose(predicted.affine, image.affine)
+    raw = np.asarray(predicted.dataobj)
+    assert set(np.unique(raw).tolist()) <= {0} | {
+        i for ids in labels.raw_ids("aseg").values() for i in ids
+    }
+    corrected = raw.copy()
+    thalamus = labels.raw_ids("aseg")["left_thalamus"][0]
+    edited = tuple(np.argwhere(raw == thalamus)[:3].T)  # the rater removes three voxels
+    corrected[edited] = 0
+    (folder / "labels").mkdir()
+    nib.save(
+        nib.Nifti1Image(corrected, predicted.affine, predicted.header),
+        folder / "labels" / f"{first}.nii.gz",
+    )
+    shutil.copy(generated / "labels" / f"{second}.nii.gz", folder / "labels" / f"{second}.nii.gz")
+    read_back = transforms.preprocessing("aseg", normalize=False)(
+        {
+            "image": str(folder / "images" / f"{first}.nii.gz"),
+            "label": str(folder / "labels" / f"{first}.nii.gz"),
+        }
+    )["label"][0].numpy()
+    volumes = {  # what predict.py measured, from the same segmentation
+        r["structure"]: float(r["volume_mm3"]) for r in csv.DictReader(open(draft / "volumes.csv"))
+    }
+    voxel = float(np.prod(image.header.get_zooms()[:3]))
+    for cls, name in enumerate(labels.STRUCTURES, 1):
+        removed = len(edited[0]) if name == "left_thalamus" else 0
+        assert np.isclose(np.sum(read_back == cls) * voxel, volumes[name] - removed * voxel)
+
+    # 3. Fine-tune on exactly those two: no held-out scan, so the run says so and estimates
+    # itself by leaving each out in turn.
+    cohort = ["dataset=folder", f"dataset.root={folder}", "dataset.label_ids=aseg"]
+    summary, run = _finetune(
+        root,
+        paths,
+        source,
+        "mine",
+        *cohort,
+        "target.n_images=2",
+        f"target.ids=[{first},{second}]",
+        "target.loo=true",
+    )
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["train"] == sorted([first, second]) and splits["test"] == []
+    assert summary["held_out"] == 0 and summary["method"] == "tl2"
+    estimate = summary["loo_estimate"]
+    assert sorted(estimate["per_fold"]) == sorted([first, second])
+    assert 0.0 <= estimate["avg_min"] <= estimate["avg"] <= estimate["avg_max"] <= 1.0
+    for left_out in (first, second):
+        fold = json.loads((run / "loo" / left_out / "splits.json").read_text())
+        assert fold["test"] == [left_out] and left_out not in fold["train"]
+    assert (run / "checkpoints" / "best.ckpt").is_file() and RunFolder(run).is_complete()
+
+    # 4. Segment the other four with the adapted model: every output on its input's grid.
+    rest = [s for s in scans if s not in (first, second)]
+    out = tmp_path / "segmented"
+    _run(
+        "predict.py",
+        f"run_dir={run}",
+        f"input=[{','.join(str(folder / 'images' / f'{s}.nii.gz') for s in rest)}]",
+        f"out_dir={out}",
+        cwd=root,
+    )
+    for scan in rest:
+        seg, img = (
+            nib.load(out / f"{scan}_seg.nii.gz"),
+            nib.load(folder / "images" / f"{scan}.nii.gz"),
+        )
+        assert seg.shape == img.shape and np.allclose(seg.affine, img.affine)
+        assert (out / f"{scan}_qc.png").is_file()
+    volumes = list(csv.DictReader(open(out / "volumes.csv")))
+    assert len(volumes) == 4 * 14 and all(0.0 <= float(r["qc"]) <= 1.0 for r in volumes)
+    qc = list(csv.DictReader(open(out / "qc.csv")))
+    assert sorted(r["subject"] for r in qc) == rest
+    assert [float(r["qc_min"]) for r in qc] == sorted(float(r["qc_min"]) for r in qc)

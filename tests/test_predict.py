@@ -165,7 +165,12 @@ def test_a_segmentation_with_its_sides_exchanged_is_warned(
     for segmentation, warned in ((truth, False), (truth[::-1].copy(), True)):
         monkeypatch.setattr(sides, "_reported", set())
         monkeypatch.setattr(
-            prediction.inference, "segment", lambda *a, s=segmentation, **k: (s, None)
+            prediction.inference,
+            "segment",
+            lambda net, volume, prior, *a, s=segmentation, **k: (
+                s,
+                np.zeros((labels.NUM_CLASSES, *prior.regions.shape), np.float32),
+            ),
         )
         caplog.clear()
         prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={scan}", "atlas=none"))
