@@ -108,15 +108,6 @@ def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> li
     ]
 
 
-def quality_table(rows: list[dict], threshold: float = quality.FLAG_BELOW) -> list[dict]:
-    """``qc.csv``: one row per scan, the likeliest wrong first (lowest structure score)."""
-    by_scan: dict[str, list[dict]] = {}
-    for row in rows:
-        by_scan.setdefault(row["subject"], []).append(row)
-    table = [quality.scan_summary(s, scans, threshold) for s, scans in by_scan.items()]
-    return sorted(table, key=lambda r: (r["qc_min"], r["subject"]))
-
-
 def predict(cfg: DictConfig) -> list[dict]:
     """Segment new T1 scans and report their structure volumes.
 
@@ -124,7 +115,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     input; classes 0–14 or the raw ids of ``cfg.raw_ids``), ``<id>_qc.png``, optionally
     ``<id>_prob.nii.gz``, ``volumes.csv`` (subject, structure, volume_mm3, qc: the label-free
     quality score of :mod:`subseg.quality`), ``qc.csv`` (one row per scan, the likeliest wrong
-    first, ``flagged`` when a structure scores below :data:`subseg.quality.FLAG_BELOW`) and,
+    first, ``flagged`` as :func:`subseg.quality.scan_table` says) and,
     when some scans failed, ``failures.csv`` (scan, error).
 
     Returns:
@@ -158,17 +149,17 @@ def predict(cfg: DictConfig) -> list[dict]:
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)
         io.write_csv(rows, VOLUME_COLUMNS, out_dir / "volumes.csv")
-        io.write_csv(quality_table(rows), quality.SCAN_COLUMNS, out_dir / "qc.csv")
+        io.write_csv(quality.scan_table(rows), quality.SCAN_COLUMNS, out_dir / "qc.csv")
     done = len(files) - len(failures)
     print(f"subseg: {done} of {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")
-    flagged = [r for r in quality_table(rows) if r["flagged"]]
+    flagged = [r for r in quality.scan_table(rows) if r["flagged"]]
     if flagged:
         names = ", ".join(
             f"{r['subject']} ({r['worst_structure']} {r['qc_min']:.2f})" for r in flagged[:5]
         )
         print(
-            f"subseg: check first: {len(flagged)} scan(s) with a structure scoring below "
-            f"{quality.FLAG_BELOW} ({names}{' …' if len(flagged) > 5 else ''}); all in qc.csv"
+            f"subseg: check first: {len(flagged)} scan(s) with a structure scoring far below the "
+            f"batch's ({names}{' …' if len(flagged) > 5 else ''}); every scan ranked in qc.csv"
         )
     if failures:
         io.write_csv(failures, FAILURE_COLUMNS, out_dir / "failures.csv")

@@ -13,8 +13,8 @@ A user who segments 200 scans cannot check them all; this score says which to lo
 
 The score is their geometric mean: low when either is low. It is an estimate of how good a
 segmentation is, not a Dice: ``docs/engineering.md`` has the rank correlation measured against
-true Dice on the demo's target test scans. A scan is flagged when any structure scores below
-the threshold (:data:`FLAG_BELOW`) — the ones a user should open first.
+true Dice on the demo's target test scans. :func:`scan_table` flags the scans a user should open
+first: a structure scoring far below the same structure on the batch's other scans.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ from subseg.atlas import Prior
 from subseg.labels import STRUCTURES
 
 COLUMNS = ("confidence", "atlas_agreement", "qc")
-FLAG_BELOW = 0.6
-"""A scan is flagged when a structure's score is below this (see ``docs/engineering.md``)."""
+RELATIVE_FLAG = 0.75
+"""Flag a scan when a structure scores below this fraction of its batch median."""
+ABSOLUTE_FLAG = 0.25
+"""Flag a scan when a structure scores below this, whatever the batch."""
+MIN_BATCH = 3
+"""Fewer scans than this have no batch median to compare with: only the absolute rule holds."""
 
 
 def _dice(a_sum: float, b_sum: float, overlap: float) -> float:
@@ -74,24 +78,67 @@ def structure_scores(classes: np.ndarray, probabilities: np.ndarray, prior: Prio
     return rows
 
 
-def scan_summary(subject: str, scores: Sequence[dict], threshold: float = FLAG_BELOW) -> dict:
-    """One scan's row of ``qc.csv``: its worst structure, mean score and whether it is flagged.
+def scan_table(rows: Sequence[dict]) -> list[dict]:
+    """``qc.csv``: one row per scan, the likeliest wrong first.
+
+    The score's level differs by structure (the amygdala's atlas agreement is low on every
+    scan), so each score is compared with the same structure's median over the batch: a scan is
+    flagged when a structure scores below :data:`RELATIVE_FLAG` of that median (batches of at
+    least :data:`MIN_BATCH` scans), or below :data:`ABSOLUTE_FLAG` whatever the batch (a
+    structure missing or nearly so).
 
     Args:
-        subject: the scan's id.
-        scores: :func:`structure_scores` of the scan.
-        threshold: flag the scan when a structure scores below this.
+        rows: ``subject``, ``structure`` and ``qc`` of every segmented structure.
+
+    Returns:
+        Rows of :data:`SCAN_COLUMNS`, sorted by the worst structure's relative score.
     """
-    worst = min(scores, key=lambda s: s["qc"])
-    low = [s["structure"] for s in scores if s["qc"] < threshold]
-    return {
-        "subject": subject,
-        "qc_min": worst["qc"],
-        "worst_structure": worst["structure"],
-        "qc_mean": float(np.mean([s["qc"] for s in scores])),
-        "flagged": bool(low),
-        "low_structures": " ".join(low),
+    by_scan: dict[str, list[dict]] = {}
+    for row in rows:
+        by_scan.setdefault(row["subject"], []).append(row)
+    compare = len(by_scan) >= MIN_BATCH
+    median = {
+        name: float(np.median([r["qc"] for r in rows if r["structure"] == name]))
+        for name in {r["structure"] for r in rows}
     }
+    table = []
+    for subject, mine in by_scan.items():
+        relative = {
+            r["structure"]: (
+                r["qc"] / median[r["structure"]] if median[r["structure"]] > 0 else 1.0
+            )
+            for r in mine
+        }
+        low = [
+            r
+            for r in mine
+            if r["qc"] < ABSOLUTE_FLAG or (compare and relative[r["structure"]] < RELATIVE_FLAG)
+        ]
+        worst = min(mine, key=lambda r: (relative[r["structure"]], r["qc"]))
+        table.append(
+            {
+                "subject": subject,
+                "qc_mean": float(np.mean([r["qc"] for r in mine])),
+                "worst_structure": worst["structure"],
+                "worst_qc": worst["qc"],
+                "worst_vs_batch": relative[worst["structure"]],
+                "flagged": bool(low),
+                "why": "; ".join(
+                    f"{r['structure']} {r['qc']:.2f} ({relative[r['structure']]:.2f} of the "
+                    "batch median)"
+                    for r in sorted(low, key=lambda r: relative[r["structure"]])
+                ),
+            }
+        )
+    return sorted(table, key=lambda r: (r["worst_vs_batch"], r["worst_qc"], r["subject"]))
 
 
-SCAN_COLUMNS = ("subject", "qc_min", "worst_structure", "qc_mean", "flagged", "low_structures")
+SCAN_COLUMNS = (
+    "subject",
+    "qc_mean",
+    "worst_structure",
+    "worst_qc",
+    "worst_vs_batch",
+    "flagged",
+    "why",
+)
