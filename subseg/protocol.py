@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
@@ -106,6 +107,8 @@ def run(cfg: DictConfig) -> dict:
     notes = _notes(checked, methods, source_summary, capped) + list(cfg.report_notes)
     summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
     summary["findings"] = checked
+    if suggestion_finding(methods) is not None:
+        summary["suggestion"] = suggestion_finding(methods)
     summary["capped"] = [name for name, _ in capped]
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
@@ -176,6 +179,40 @@ def _fine_tune_all(cfg: DictConfig, source: RunFolder, out_dir: Path, common: li
     return folders, capped, timings
 
 
+def suggestion_finding(methods: Mapping[str, Mapping]) -> dict | None:
+    """Whether TL-1 on suggest.py's top scan reached TL-1's mean over random draws.
+
+    Returns:
+        ``{"holds", "suggested", "random_mean", "random_min", "random_max", "draws"}`` or
+        ``None`` when the demo ran no ``tl1_suggested`` or no random TL-1.
+    """
+    if "tl1_suggested" not in methods or "tl1" not in methods:
+        return None
+    random = [float(v) for v in methods["tl1"]["avg_per_draw"]]
+    suggested = float(methods["tl1_suggested"]["avg"])
+    return {
+        "holds": bool(suggested >= float(np.mean(random))),
+        "suggested": suggested,
+        "random_mean": float(np.mean(random)),
+        "random_min": min(random),
+        "random_max": max(random),
+        "draws": len(random),
+    }
+
+
+def _suggestion_note(methods: Mapping[str, Mapping]) -> list[str]:
+    found = suggestion_finding(methods)
+    if found is None:
+        return []
+    verdict = "beat" if found["holds"] else "did NOT beat"
+    return [
+        f"TL-1 on the scan suggest.py ranks first (reading no label): Avg {found['suggested']:.3f};"
+        f" TL-1 on a random scan: mean {found['random_mean']:.3f} over {found['draws']} draws "
+        f"({found['random_min']:.3f}–{found['random_max']:.3f}). The suggestion {verdict} the "
+        "random mean, on the same test scans."
+    ]
+
+
 def _notes(checked: list[dict], methods: Mapping, source_summary: Mapping, capped) -> list[str]:
     """The report's findings: each claim checked, the source's headroom, clock-capped runs."""
     notes = [finding_note(f) for f in checked]
@@ -185,6 +222,7 @@ def _notes(checked: list[dict], methods: Mapping, source_summary: Mapping, cappe
             f"and {methods['no_tl']['avg']:.3f} on the target's (No TL): the gap any "
             "adaptation can close, besides the target rater's different boundaries."
         )
+    notes += _suggestion_note(methods)
     notes += [
         f"{name} was stopped by its wall-clock safety net (recipe.max_time={fit['max_time']}) "
         f"after {fit['epochs']} of {fit['max_epochs']} epochs: its numbers depend on this "

@@ -10,7 +10,9 @@ whatever launched them (a Hydra multirun, the demo, a SLURM sweep), and writes:
   a source-domain retention table when the runs were evaluated back on the source cohort;
 - ``summary.json``: ``{"methods": {key: {"avg", "wavg", "per_structure", …}}}``;
 - ``learning_curve.png``: Avg Dice against k, one line per method family (the paper's Fig. 4);
-- ``structures_vs_k.png``: per-structure Dice against k for TL (the paper's Fig. 3).
+- ``structures_vs_k.png``: per-structure Dice against k for TL (the paper's Fig. 3);
+- ``quality_vs_dice.png``: the label-free quality score against true Dice (No TL and TL-1), with
+  its Spearman correlation in ``summary.json``'s ``quality``.
 
 ``python -m subseg.report <folders or sweep roots> --out DIR [--baseline no_tl]``.
 No Lightning or Hydra imports: usable from a notebook.
@@ -330,6 +332,17 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {m} | {v['avg']:.3f} | {v['wavg']:.3f} |" for m, v in retained.items()]
+    if summary.get("quality"):
+        q = summary["quality"]
+        lines += [
+            "",
+            "## Quality score",
+            "",
+            f"The label-free quality score that predict.py writes (volumes.csv, qc.csv) ranks "
+            f"the {q['n_pairs']} subject × structure segmentations of "
+            f"{' and '.join(q['methods'])} with a Spearman correlation of {q['spearman']:.2f} "
+            "against their true Dice (quality_vs_dice.png).",
+        ]
     if notes:
         lines += ["", "## Findings", ""] + [f"- {n}" for n in notes]
     if summary.get("software"):
@@ -408,6 +421,44 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def quality_vs_dice(runs: Sequence[Run], path: str | Path, methods=("no_tl", "tl1")) -> dict | None:
+    """How well the label-free quality score ranks segmentations, with a scatter figure.
+
+    The Spearman correlation of the score with true Dice over the subject × structure pairs of
+    ``methods``' runs.
+
+    Returns:
+        ``{"spearman", "n_pairs", "methods"}``, or ``None`` when the runs hold no scores (runs
+        from before the score, or none of ``methods``).
+    """
+    pairs = [
+        (row["qc"], row["dsc"], run.method)
+        for run in runs
+        if run.method in methods
+        for row in run.rows
+        if np.isfinite(row["qc"]) and np.isfinite(row["dsc"])
+    ]
+    if len(pairs) < 3:
+        return None
+    rho = stats.spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    fig = Figure(figsize=(5.6, 4.6))
+    ax = fig.subplots()
+    for method in methods:
+        mine = [(q, d) for q, d, m in pairs if m == method]
+        if mine:
+            ax.scatter(*zip(*mine, strict=True), s=12, alpha=0.7, label=method)
+    ax.set(
+        xlabel="quality score (no label used)",
+        ylabel="true Dice",
+        title=f"Quality score vs true Dice: Spearman {rho:.2f} ({len(pairs)} pairs)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    used = sorted({m for _, _, m in pairs}, key=_order)
+    return {"spearman": rho, "n_pairs": len(pairs), "methods": used}
+
+
 def write_report(
     runs: Sequence[Run],
     out_dir: str | Path,
@@ -424,6 +475,9 @@ def write_report(
     summary = summarize_methods(runs, baseline)
     summary["runs"] = {str(r.folder): r.method for r in runs}
     summary["software"] = software(runs)
+    checked = quality_vs_dice(runs, out_dir / "quality_vs_dice.png")
+    if checked is not None:
+        summary["quality"] = checked
     rows = table_rows(summary)
     io.write_csv(rows, ["structure", *summary["methods"]], out_dir / "report.csv")
     write_summary(summary, out_dir)

@@ -60,3 +60,11 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
         running = max(running, min(1.0, (m - rank) * p[index]))
         out[index] = running
     return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of paired values (scipy); NaN with fewer than three pairs."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 3:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)

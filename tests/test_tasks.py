@@ -40,7 +40,7 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     assert (out / "cohorts.png").stat().st_size > 10_000
 
     report = json.loads((out / "summary.json").read_text())
-    keys = {"no_tl", "tl1", "tl2", "tl3", "scratch3", "nyul_no_tl"}
+    keys = {"no_tl", "tl1", "tl1_suggested", "tl2", "tl3", "scratch3", "nyul_no_tl"}
     assert set(report["methods"]) == keys
     for method in report["methods"].values():
         assert 0.0 <= method["avg"] <= 1.0 and len(method["per_structure"]) == 14
@@ -56,6 +56,14 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     assert "| Avg range over draws |" in text
     assert ("wall-clock safety net" in text) == bool(report["capped"])
     assert (out / "learning_curve.png").stat().st_size > 5_000
+    # TL-1 on suggest.py's top scan, beside the random draws; the quality score checked.
+    ranking = (out / "runs" / "tl1_suggested" / "suggest.csv").read_text().splitlines()
+    picked = json.loads((out / "runs" / "tl1_suggested" / "splits.json").read_text())["train"]
+    assert picked == [ranking[1].split(",")[1]] and len(ranking) == 1 + 3  # header + candidates
+    assert report["suggestion"]["draws"] == 2 and "suggest.py ranks first" in text
+    assert -1.0 <= report["quality"]["spearman"] <= 1.0 and "## Quality score" in text
+    assert report["quality"]["n_pairs"] == (1 + 2) * 14  # No TL and TL-1's two draws, 1 scan
+    assert (out / "quality_vs_dice.png").stat().st_size > 5_000
 
     image = tmp_path / "data" / "synth" / "synth_tiny_source" / "images" / "s000.nii.gz"
     stamp = image.stat().st_mtime_ns
@@ -142,6 +150,7 @@ def test_summary_of_a_tiny_cohort(tmp_path):
         (["+experiment=full"], "full"),
         (["+experiment=loo", "target.fold=4"], "full"),
         (["target.n_images=all"], "tl_all"),
+        (["target.n_images=1", "target.pick=suggested"], "tl1_suggested"),
     ],
 )
 def test_method_keys_name_the_papers_methods(overrides, key):

@@ -9,8 +9,8 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 from subseg import labels, training
+from subseg.evaluation import COLUMNS
 from subseg.lit_module import SegmentationModule
-from subseg.metrics import COLUMNS
 from subseg.model import count_trainable
 
 TINY = [
