@@ -155,7 +155,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     flagged = [r for r in quality.scan_table(rows) if r["flagged"]]
     if flagged:
         names = ", ".join(
-            f"{r['subject']} ({r['worst_structure']} {r['qc_min']:.2f})" for r in flagged[:5]
+            f"{r['subject']} ({r['worst_structure']} {r['worst_qc']:.2f})" for r in flagged[:5]
         )
         print(
             f"subseg: check first: {len(flagged)} scan(s) with a structure scoring far below the "

@@ -71,6 +71,35 @@ def test_folder_input_and_bad_inputs(tiny_cohorts, checkpoint, tmp_path):
         prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={tmp_path / 'x.nii'}"))
 
 
+def test_qc_csv_ranks_the_scans_and_names_the_ones_to_check_first(
+    tiny_cohorts, checkpoint, tmp_path, monkeypatch, capsys
+):
+    from subseg import quality
+
+    real = quality.structure_scores
+    calls = []
+
+    def one_scan_off(classes, probabilities, prior):  # the second scan's thalamus far off
+        scores = [{**s, "qc": 0.8} for s in real(classes, probabilities, prior)]
+        calls.append(None)
+        if len(calls) == 2:
+            scores[0]["qc"] = 0.3
+        return scores
+
+    monkeypatch.setattr(quality, "structure_scores", one_scan_off)
+    folder = tiny_cohorts["source"] / "images"
+    prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    with open(tmp_path / "pred" / "qc.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["subject"] for r in table] == ["s001", "s000", "s002"]  # the likeliest wrong first
+    assert [r["flagged"] for r in table] == ["True", "False", "False"]
+    assert table[0]["worst_structure"] == labels.STRUCTURES[0]
+    with open(tmp_path / "pred" / "volumes.csv", newline="") as f:
+        assert {float(r["qc"]) for r in csv.DictReader(f)} == {0.8, 0.3}
+    out = capsys.readouterr().out
+    assert "check first: 1 scan(s)" in out and f"s001 ({labels.STRUCTURES[0]} 0.30)" in out
+
+
 def test_a_batch_is_checked_before_any_scan_is_segmented(tiny_cohorts, checkpoint, tmp_path):
     scan = tiny_cohorts["source"] / "images" / "s000.nii.gz"
     twin = tmp_path / "other" / "s000.nii.gz"
