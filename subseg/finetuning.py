@@ -435,6 +435,12 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     ``complete.json``. A run already complete with the same config and source is left as it is;
     ``resume=true`` continues a killed one.
 
+    ``target.ids`` names the k images, ``target.pick=suggested`` takes the top k of
+    :mod:`subseg.suggestion`'s ranking (also written, as ``suggest.csv`` and ``suggest.png``).
+    A run that trains on every labelled scan has no test set: its ``metrics.csv`` is empty,
+    ``summary.json`` says ``held_out: 0``, and with ``target.loo=true`` it holds the
+    leave-one-out estimate from the folds in ``loo/<id>/``.
+
     Args:
         cfg: the composed ``conf/finetune.yaml``.
         run_dir: the run folder.

@@ -256,6 +256,10 @@ def test_finetune_without_a_source_is_one_line(tmp_path):
         (["init=random"], "init=random: choose source"),
         (["intensity=minmax"], "intensity=minmax: choose zscore or nyul"),
         (["init=scratch"], "init=scratch trains every layer from random weights: add freeze=none"),
+        (["target.pick=best"], "target.pick=best: choose random"),
+        (["target.pick=suggested", "target.n_images=0"], "target.pick=suggested takes the top k"),
+        (["target.pick=suggested", "target.ids=[t000]"], "target.pick=suggested takes the top k"),
+        (["target.loo=2"], "target.loo=2: true or false"),
     ],
 )
 def test_finetune_options_are_checked_in_one_line(tmp_path, overrides, message):
