@@ -23,6 +23,23 @@ def tiny_cohorts(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """An untrained network saved as a Lightning checkpoint, as training would (its outputs and
+    conv features still differ from scan to scan, which is all some tests need)."""
+    import lightning as L
+
+    from subseg.lit_module import SegmentationModule
+
+    L.seed_everything(0)
+    module = SegmentationModule(dropout=0.3, lr=1e-3)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
 def write_nifti(path, data, affine=None, dtype=None):
     """Write a NIfTI with an explicit affine (identity by default)."""
     data = np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype)

@@ -1,6 +1,5 @@
 import csv
 
-import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
@@ -8,19 +7,6 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 from subseg import io, labels, prediction
-from subseg.lit_module import SegmentationModule
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """An untrained network saved as a Lightning checkpoint, as training would."""
-    L.seed_everything(0)
-    module = SegmentationModule(dropout=0.3, lr=1e-3)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
-    trainer.save_checkpoint(path)
-    return path
 
 
 def _cfg(tmp_path, *overrides):

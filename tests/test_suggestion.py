@@ -1,14 +1,12 @@
 import csv
 import shutil
 
-import lightning as L
 import numpy as np
 import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 from subseg import cohort, finetuning, io, suggestion
-from subseg.lit_module import SegmentationModule
 
 
 def test_the_medoid_comes_first_and_each_next_pick_covers_what_the_others_miss():
@@ -38,19 +36,6 @@ def test_the_medoid_comes_first_and_each_next_pick_covers_what_the_others_miss()
     assert np.allclose(np.diag(distances), 0.0)
     scaled = suggestion.coverage_ranking(ordered, distances)
     assert scaled[0]["scan"].startswith("b") and scaled[1]["scan"].startswith("s")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """An untrained network saved as a Lightning checkpoint (its conv features still differ
-    from scan to scan, which is all the ranking needs)."""
-    L.seed_everything(0)
-    module = SegmentationModule(dropout=0.3, lr=1e-3)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
-    trainer.save_checkpoint(path)
-    return path
 
 
 def _suggest(folder, checkpoint, out):
