@@ -104,11 +104,12 @@ def run(cfg: DictConfig) -> dict:
     runs = report.find_runs(folders)
     methods = report.summarize_methods(runs, "no_tl")["methods"]
     checked = findings(methods)
-    notes = _notes(checked, methods, source_summary, capped) + list(cfg.report_notes)
+    suggested = suggestion_finding(methods, runs)
+    notes = _notes(checked, methods, source_summary, capped, suggested) + list(cfg.report_notes)
     summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
     summary["findings"] = checked
-    if suggestion_finding(methods) is not None:
-        summary["suggestion"] = suggestion_finding(methods)
+    if suggested is not None:
+        summary["suggestion"] = suggested
     summary["capped"] = [name for name, _ in capped]
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
@@ -179,17 +180,26 @@ def _fine_tune_all(cfg: DictConfig, source: RunFolder, out_dir: Path, common: li
     return folders, capped, timings
 
 
-def suggestion_finding(methods: Mapping[str, Mapping]) -> dict | None:
+def suggestion_finding(methods: Mapping[str, Mapping], runs=()) -> dict | None:
     """Whether TL-1 on suggest.py's top scan reached TL-1's mean over random draws.
 
+    Args:
+        methods: the report's per-method summaries.
+        runs: the report's runs (:class:`subseg.report.Run`), for the scans each one trained on.
+
     Returns:
-        ``{"holds", "suggested", "random_mean", "random_min", "random_max", "draws"}`` or
-        ``None`` when the demo ran no ``tl1_suggested`` or no random TL-1.
+        ``{"holds", "suggested", "random_mean", "random_min", "random_max", "draws", "scans"}``
+        or ``None`` when the demo ran no ``tl1_suggested`` or no random TL-1.
     """
     if "tl1_suggested" not in methods or "tl1" not in methods:
         return None
     random = [float(v) for v in methods["tl1"]["avg_per_draw"]]
     suggested = float(methods["tl1_suggested"]["avg"])
+    scans = {}
+    for run in runs:
+        if run.method in ("tl1", "tl1_suggested"):
+            trained = RunFolder(run.folder).split("train")
+            scans.setdefault(run.method, []).extend(trained)
     return {
         "holds": bool(suggested >= float(np.mean(random))),
         "suggested": suggested,
@@ -197,23 +207,29 @@ def suggestion_finding(methods: Mapping[str, Mapping]) -> dict | None:
         "random_min": min(random),
         "random_max": max(random),
         "draws": len(random),
+        "scans": scans,
     }
 
 
-def _suggestion_note(methods: Mapping[str, Mapping]) -> list[str]:
-    found = suggestion_finding(methods)
+def _suggestion_note(found: Mapping | None) -> list[str]:
     if found is None:
         return []
-    verdict = "beat" if found["holds"] else "did NOT beat"
+    verdict = "reached" if found["holds"] else "did NOT reach"
+    scans = found.get("scans") or {}
+    drawn = f", scans {', '.join(scans['tl1'])}" if scans.get("tl1") else ""
+    picked = f" ({', '.join(scans['tl1_suggested'])})" if scans.get("tl1_suggested") else ""
+    gap = found["suggested"] - found["random_mean"]
     return [
-        f"TL-1 on the scan suggest.py ranks first (reading no label): Avg {found['suggested']:.3f};"
-        f" TL-1 on a random scan: mean {found['random_mean']:.3f} over {found['draws']} draws "
-        f"({found['random_min']:.3f}–{found['random_max']:.3f}). The suggestion {verdict} the "
-        "random mean, on the same test scans."
+        f"TL-1 on the scan suggest.py ranks first{picked}, chosen reading no label: Avg "
+        f"{found['suggested']:.4f}. TL-1 on a random scan: mean {found['random_mean']:.4f} over "
+        f"{found['draws']} draws ({found['random_min']:.3f}–{found['random_max']:.3f}{drawn}). "
+        f"The suggestion {verdict} the random mean ({gap:+.4f}), on the same test scans."
     ]
 
 
-def _notes(checked: list[dict], methods: Mapping, source_summary: Mapping, capped) -> list[str]:
+def _notes(
+    checked: list[dict], methods: Mapping, source_summary: Mapping, capped, suggested=None
+) -> list[str]:
     """The report's findings: each claim checked, the source's headroom, clock-capped runs."""
     notes = [finding_note(f) for f in checked]
     if "no_tl" in methods:
@@ -222,7 +238,7 @@ def _notes(checked: list[dict], methods: Mapping, source_summary: Mapping, cappe
             f"and {methods['no_tl']['avg']:.3f} on the target's (No TL): the gap any "
             "adaptation can close, besides the target rater's different boundaries."
         )
-    notes += _suggestion_note(methods)
+    notes += _suggestion_note(suggested)
     notes += [
         f"{name} was stopped by its wall-clock safety net (recipe.max_time={fit['max_time']}) "
         f"after {fit['epochs']} of {fit['max_epochs']} epochs: its numbers depend on this "

@@ -1,3 +1,5 @@
+import pytest
+
 from subseg import protocol
 from subseg.labels import STRUCTURES
 
@@ -65,3 +67,16 @@ def test_fit_record_says_what_stopped_training():
     for trainer, early, expected in cases:
         record = fitting.fit_record(trainer, early, recipe)
         assert record["stopped_by"] == expected and record["epochs"] == trainer.current_epoch
+
+
+def test_the_suggested_scan_is_compared_with_the_mean_of_the_random_draws():
+    methods = {"tl1": {"avg_per_draw": [0.806, 0.782, 0.782]}, "tl1_suggested": {"avg": 0.7904}}
+    found = protocol.suggestion_finding(methods)
+    assert found["holds"] and found["random_mean"] == pytest.approx(0.79)
+    assert (found["random_min"], found["random_max"], found["draws"]) == (0.782, 0.806, 3)
+    assert "reached the random mean (+0.0004)" in protocol._suggestion_note(found)[0]
+    methods["tl1_suggested"]["avg"] = 0.7896
+    found = protocol.suggestion_finding(methods)
+    assert not found["holds"]
+    assert "did NOT reach the random mean (-0.0004)" in protocol._suggestion_note(found)[0]
+    assert protocol.suggestion_finding({"tl1": methods["tl1"]}) is None

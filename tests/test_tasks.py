@@ -60,7 +60,11 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     ranking = (out / "runs" / "tl1_suggested" / "suggest.csv").read_text().splitlines()
     picked = json.loads((out / "runs" / "tl1_suggested" / "splits.json").read_text())["train"]
     assert picked == [ranking[1].split(",")[1]] and len(ranking) == 1 + 3  # header + candidates
-    assert report["suggestion"]["draws"] == 2 and "suggest.py ranks first" in text
+    assert (
+        report["suggestion"]["draws"] == 2
+        and "suggest.py ranks first" in text
+        and "the random mean (" in text
+    )
     assert -1.0 <= report["quality"]["spearman"] <= 1.0 and "## Quality score" in text
     assert report["quality"]["n_pairs"] == (1 + 2) * 14  # No TL and TL-1's two draws, 1 scan
     assert (out / "quality_vs_dice.png").stat().st_size > 5_000
