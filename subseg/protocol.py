@@ -223,7 +223,8 @@ def _suggestion_note(found: Mapping | None) -> list[str]:
         f"TL-1 on the scan suggest.py ranks first{picked}, chosen reading no label: Avg "
         f"{found['suggested']:.4f}. TL-1 on a random scan: mean {found['random_mean']:.4f} over "
         f"{found['draws']} draws ({found['random_min']:.3f}–{found['random_max']:.3f}{drawn}). "
-        f"The suggestion {verdict} the random mean ({gap:+.4f}), on the same test scans."
+        f"The suggestion {verdict} the random mean ({gap:+.4f}), on the same test scans (the "
+        "ranking and its figure: runs/tl1_suggested/suggest.csv and suggest.png)."
     ]
 
 
