@@ -140,9 +140,10 @@ def coverage_ranking(ids: list[str], d: np.ndarray) -> list[dict]:
             )
         else:
             closer = [ids[i] for i in gained if i != best]
+            earlier = "pick 1" if rank == 2 else f"picks 1–{rank - 1}"
             shown = ", ".join(closer[:5]) + (" …" if len(closer) > 5 else "")
             why = (
-                f"covers what picks 1–{rank - 1} miss: nearest pick for itself"
+                f"covers what {earlier} miss{'es' if rank == 2 else ''}: nearest pick for itself"
                 + (f" and {len(closer)} more ({shown})" if closer else "")
                 + f"; cohort mean distance {before:.3f} → {float(nearest.mean()):.3f}"
             )
