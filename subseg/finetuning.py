@@ -383,6 +383,8 @@ def _leave_one_out(cfg: DictConfig, run: RunFolder, train: list[str]) -> dict:
     """
     from omegaconf import OmegaConf
 
+    from subseg import report
+
     rows, per_fold = [], {}
     for left_out in train:
         fold_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -396,7 +398,7 @@ def _leave_one_out(cfg: DictConfig, run: RunFolder, train: list[str]) -> dict:
         OmegaConf.save(fold_cfg, fold.config_file)
         print(f"subseg: leave-one-out fold: fine-tune on {', '.join(kept)}, test on {left_out}")
         per_fold[left_out] = finetune(fold_cfg, fold.path)["avg"]
-        rows += _read_metrics(fold.metrics_file)
+        rows += report.read_metrics(fold.metrics_file)
     pooled = metrics.summarize(rows)
     return {
         "avg": pooled["avg"],
@@ -407,17 +409,6 @@ def _leave_one_out(cfg: DictConfig, run: RunFolder, train: list[str]) -> dict:
         "n_images_per_fold": len(train) - 1,
         "per_structure": pooled["per_structure"],
     }
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in ("dsc", "vol_ref_mm3"):
-            row[key] = float(row[key])
-    return rows
 
 
 def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:

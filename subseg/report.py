@@ -64,7 +64,8 @@ class Run:
     environment: dict | None = None
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
+    """A run's ``metrics.csv`` rows, numbers as floats (NaN where empty or absent)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -113,8 +114,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
                     method=summary["method"],
                     n_images=int(summary.get("n_images", target.get("n_images", 0))),
                     draw=int(target.get("draw", 0)),
-                    rows=_read_rows(run.metrics_file),
-                    source_rows=_read_rows(source_metrics) if source_metrics.is_file() else [],
+                    rows=read_metrics(run.metrics_file),
+                    source_rows=read_metrics(source_metrics) if source_metrics.is_file() else [],
                     environment=run.environment(),
                 )
             )
