@@ -136,7 +136,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         stale.unlink(missing_ok=True)  # an earlier batch's outputs of these scans
     print(f"subseg: input: {contract.describe()}")
     prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
-    rows, failures = [], []
+    rows, failures, table = [], [], []
     for path in track(files, description="segmenting"):
         try:
             rows += segment_scan(net, prepare, path, cfg, out_dir)
@@ -149,10 +149,11 @@ def predict(cfg: DictConfig) -> list[dict]:
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)
         io.write_csv(rows, VOLUME_COLUMNS, out_dir / "volumes.csv")
-        io.write_csv(quality.scan_table(rows), quality.SCAN_COLUMNS, out_dir / "qc.csv")
+        table = quality.scan_table(rows)  # relative to the batch: redone as the batch grows
+        io.write_csv(table, quality.SCAN_COLUMNS, out_dir / "qc.csv")
     done = len(files) - len(failures)
     print(f"subseg: {done} of {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")
-    flagged = [r for r in quality.scan_table(rows) if r["flagged"]]
+    flagged = [r for r in table if r["flagged"]]
     if flagged:
         names = ", ".join(
             f"{r['subject']} ({r['worst_structure']} {r['worst_qc']:.2f})" for r in flagged[:5]

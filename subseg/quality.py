@@ -36,6 +36,7 @@ MIN_BATCH = 3
 
 
 def _dice(a_sum: float, b_sum: float, overlap: float) -> float:
+    # From sums: MONAI's compute_dice wants one-hot tensors of both maps, and a soft one here.
     return 0.0 if a_sum + b_sum == 0 else float(2.0 * overlap / (a_sum + b_sum))
 
 

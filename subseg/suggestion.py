@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from scipy.spatial.distance import cdist
 
 from subseg import dense, io
 from subseg.atlas import Prior
@@ -103,10 +104,7 @@ def distances(features: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray
     spread = x.std(axis=0)
     keep = spread > 1e-12 * max(1.0, float(np.abs(x).max(initial=0.0)))
     z = (x[:, keep] - x[:, keep].mean(axis=0)) / spread[keep] if keep.any() else x[:, :0]
-    squared = (z**2).sum(axis=1)
-    d2 = np.maximum(squared[:, None] + squared[None, :] - 2.0 * z @ z.T, 0.0)
-    np.fill_diagonal(d2, 0.0)
-    return ids, np.sqrt(d2 / max(z.shape[1], 1))
+    return ids, cdist(z, z) / np.sqrt(max(z.shape[1], 1))
 
 
 def coverage_ranking(ids: list[str], d: np.ndarray) -> list[dict]:
@@ -152,7 +150,11 @@ def coverage_ranking(ids: list[str], d: np.ndarray) -> list[dict]:
 
 
 def embedding_2d(d: np.ndarray) -> np.ndarray:
-    """n×2 coordinates whose distances approximate ``d`` (classical multidimensional scaling)."""
+    """n×2 coordinates whose distances approximate ``d`` (classical multidimensional scaling).
+
+    By hand: scikit-learn's MDS is iterative (SMACOF) and not a dependency; the classical form
+    is one eigen-decomposition.
+    """
     n = len(d)
     centring = np.eye(n) - 1.0 / n
     gram = -0.5 * centring @ (d**2) @ centring
