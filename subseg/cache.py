@@ -15,8 +15,10 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,6 +65,36 @@ def entry_name(path: str | os.PathLike) -> str:
     return f"{stem(path)}-{where}"
 
 
+STALE_STAGING_SECONDS = 3600
+"""A staging folder untouched this long belongs to a writer that died: it is removed."""
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Remove the staging folders of ``folder``'s entry left by killed writers.
+
+    Only folders whose newest file is older than :data:`STALE_STAGING_SECONDS`: a younger one
+    may be a concurrent writer's (a parallel sweep job) still writing, and staging a prior
+    takes seconds, never an hour. Other entries' staging folders are left to their writers.
+    """
+    # mkdtemp's names: the prefix, then 8 characters of [a-z0-9_].
+    staged = re.compile(rf"\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}")
+    cutoff = time.time() - STALE_STAGING_SECONDS
+    for candidate in folder.parent.iterdir():
+        if not staged.fullmatch(candidate.name):
+            continue
+        try:
+            if not candidate.is_dir() or candidate.is_symlink():
+                continue
+            newest = max(
+                [candidate.stat().st_mtime]
+                + [p.stat().st_mtime for p in candidate.iterdir() if not p.is_symlink()]
+            )
+        except OSError:  # another writer removed or renamed it meanwhile
+            continue
+        if newest < cutoff:
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
 def publish(
     folder: Path,
     key: str,
@@ -75,7 +107,9 @@ def publish(
     Concurrent writers (parallel sweep jobs on an empty cache) each stage their own folder and
     rename it into place whole; a later writer replaces an earlier one's identical entry, and a
     reader in between finds no whole entry and rebuilds it. Work may be repeated, but an entry
-    is never a mixture of two writers.
+    is never a mixture of two writers. A writer killed mid-write leaves its staging folder
+    behind; the next writer of the same entry removes those untouched for
+    :data:`STALE_STAGING_SECONDS`.
 
     Args:
         folder: the entry's folder.
@@ -89,6 +123,7 @@ def publish(
     """
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(folder)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     except OSError as exc:
         raise io.InputError(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from subseg import io, synth
+from subseg import cache, io, synth
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,71 @@ def prepare(dataset: Mapping) -> Path:
     return root
 
 
+def check_id(subject_id: str, where: str | Path = "subject ids") -> str:
+    """Refuse a scan id that is not a plain file name; return it.
+
+    Ids name files and folders inside run folders (``qc/<id>.png``, ``loo/<id>/``, which a new
+    run clears): ``../x`` or ``a/b`` would put them, or their removal, outside the folder.
+
+    Raises:
+        io.InputError: the id is empty, ``.``/``..``, hidden, or holds a path separator.
+    """
+    text = str(subject_id)
+    if (
+        not text
+        or text in (".", "..")
+        or text.startswith(".")
+        or any(c in text for c in ("/", "\\", "\0"))
+        or text != text.strip()
+    ):
+        raise io.InputError(
+            f"{where}: scan id {text!r} is not a plain file name (no /, \\, leading dot or "
+            "surrounding spaces)"
+        )
+    return text
+
+
+def file_digests(dataset: Mapping) -> dict[str, str]:
+    """The sha256 of every image and label of a cohort, by path relative to its root.
+
+    What a run's "complete" covers besides its config: a corrected label, an added or replaced
+    scan changes these, so the run is redone (and the message names the file).
+    """
+    root = Path(dataset["root"]).expanduser().resolve()
+    digests = {}
+    for subject in list_subjects(dataset, require_labels=False):
+        for path in (subject.image, subject.label):
+            if path is not None:
+                path = Path(path).resolve()
+                name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+                digests[name] = cache.file_digest(path)
+    return digests
+
+
+def same_cohort(a: Mapping, b: Mapping) -> bool:
+    """Whether two dataset entries are one cohort: the same files, not the same name.
+
+    Every custom cohort is called ``folder``, so names say nothing. Two entries are one cohort
+    when their root and file patterns agree, or, for a cohort copied or moved elsewhere, when
+    their images have the same content.
+    """
+
+    def where(d: Mapping):
+        root = Path(str(d.get("root"))).expanduser().resolve()
+        return root, _patterns(d.get("image")), _patterns(d.get("label"))
+
+    if where(a) == where(b):
+        return True
+    try:
+        images = [
+            sorted(cache.file_digest(s.image) for s in list_subjects(d, require_labels=False))
+            for d in (a, b)
+        ]
+    except io.InputError:  # one of them is not on this machine: not provably the same
+        return False
+    return images[0] == images[1]
+
+
 def list_subjects(dataset: Mapping, require_labels: bool = True) -> list[Subject]:
     """List a cohort's subjects from its dataset entry.
 
@@ -129,7 +194,9 @@ def list_subjects(dataset: Mapping, require_labels: bool = True) -> list[Subject
     if not root.is_dir():
         raise io.InputError(f"{root}: dataset '{name}' root folder does not exist")
     image_patterns, label_patterns = _patterns(dataset["image"]), _patterns(dataset.get("label"))
-    ids = [str(i) for i in dataset.get("ids") or _discover_ids(root, image_patterns)]
+    ids = [
+        check_id(str(i), root) for i in dataset.get("ids") or _discover_ids(root, image_patterns)
+    ]
     if not ids:
         raise io.InputError(
             f"{root}: dataset '{name}' has no images matching {' or '.join(image_patterns)}"

@@ -162,12 +162,14 @@ def _test_split(cfg: DictConfig, run: RunFolder | None, checkpoint: Path):
 
     A run's own cohort gives its test split; its source cohort gives the source's test split
     (never its training subjects); any other cohort its published test list, or every subject.
+    Cohorts are told apart by their files (:func:`subseg.cohort.same_cohort`), never by name:
+    every custom cohort is called ``folder``.
     """
     run_cfg = run.config() if run is not None else None
     dataset = as_dict(cfg.dataset) if cfg.get("dataset") else None
     if dataset is None and run_cfg is None:
         raise io.InputError(f"{checkpoint}: name the cohort to evaluate on: dataset=<cohort>")
-    if run_cfg is not None and (dataset is None or dataset["name"] == run_cfg["dataset"]["name"]):
+    if run_cfg is not None and (dataset is None or cohort.same_cohort(dataset, run_cfg["dataset"])):
         return run_cfg["dataset"] if dataset is None else dataset, run.split("test")
     upstream = (
         RunFolder.of(run_cfg["source_run"]) if run_cfg and run_cfg.get("source_run") else None
@@ -175,7 +177,7 @@ def _test_split(cfg: DictConfig, run: RunFolder | None, checkpoint: Path):
     if (
         upstream is not None
         and upstream.is_complete()
-        and (upstream.config()["dataset"]["name"] == dataset["name"])
+        and cohort.same_cohort(upstream.config()["dataset"], dataset)
     ):
         return dataset, upstream.split("test")
     test_ids = dataset.get("test_ids")
@@ -204,7 +206,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
     dataset, test_ids = _test_split(cfg, run, checkpoint)
     net = load_network(checkpoint)
     check_cohort(dataset, test_ids)  # a bad file stops it before anything is written
-    digest = out.begin(cfg, {"checkpoint": cache.file_digest(checkpoint)})
+    digest = out.begin(
+        cfg, {"checkpoint": cache.file_digest(checkpoint)}, cohort.file_digests(dataset)
+    )
     if digest is None:
         return out.summary()
     out.write_environment()

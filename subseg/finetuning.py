@@ -25,7 +25,7 @@ from subseg.preparation import (
     source_training_items,
 )
 from subseg.run_folder import RunFolder, is_first_process
-from subseg.trained_model import model_file, source_run
+from subseg.trained_model import source_run
 
 
 def method_key(cfg: DictConfig) -> str:
@@ -67,6 +67,8 @@ def check_options(cfg: DictConfig) -> None:
         )
     if pick == "suggested" and cfg.init == "scratch":
         raise io.InputError("target.pick=suggested ranks scans with the source model: init=source")
+    for scan_id in cfg.target.get("ids") or []:
+        cohort.check_id(scan_id, "target.ids")
     if not isinstance(cfg.target.get("loo", False), bool):
         raise io.InputError(f"target.loo={cfg.target.loo}: true or false")
     fold = cfg.target.get("fold")
@@ -122,19 +124,6 @@ def _source_and_contract(cfg: DictConfig):
     if cfg.intensity != contract.intensity:
         contract.intensity, contract.landmarks = str(cfg.intensity), None
     return source_dir, source_cfg, source_ckpt, contract
-
-
-def _check_run_folder(run: RunFolder, method: str, init: str) -> None:
-    """Refuse to overwrite a complete run of another method or source model."""
-    if not run.is_complete():
-        return
-    done = {**run.read_json(run.summary_file), **run.read_json(run.transfer_file)}
-    before = (done.get("method", method), model_file(done.get("init", init)))
-    if before != (method, model_file(init)):
-        raise io.InputError(
-            f"{run.path}: holds a finished {done.get('method')} run from {done.get('init')}; "
-            "give this one another name=…"
-        )
 
 
 def _draw(cfg: DictConfig, dataset: dict, source_ckpt, contract) -> tuple[dict, object]:
@@ -445,14 +434,17 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_options(cfg)
     source_dir, source_cfg, source_ckpt, contract = _source_and_contract(cfg)
     init = "scratch" if cfg.init == "scratch" else str(source_ckpt)
-    _check_run_folder(run, method_key(cfg), init)
     dataset = as_dict(cfg.dataset)
     draw, ranking = _draw(cfg, dataset, source_ckpt, contract)
     # Everything that can be refused is checked before the run folder is touched.
     subjects = check_cohort(dataset, {i for ids in draw.values() for i in ids})
     L.seed_everything(int(cfg.seed), workers=True)
     module, record = _starting_model(cfg, source_cfg, source_ckpt, init, len(draw["train"]))
-    digest = run.begin(cfg, {"source": cache.file_digest(source_ckpt)} if source_ckpt else {})
+    digest = run.begin(
+        cfg,
+        {"source": cache.file_digest(source_ckpt)} if source_ckpt else {},
+        cohort.file_digests(dataset),
+    )
     if digest is None:
         return run.summary()
     print(f"subseg: input: {contract.describe()}")

@@ -14,6 +14,7 @@ import errno
 import os
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,15 +139,131 @@ def _reorient(array: np.ndarray, from_ornt: np.ndarray, to_ornt: np.ndarray) -> 
     return np.ascontiguousarray(orientations.apply_orientation(array, transform))
 
 
+MAX_VOLUME_BYTES = 2 << 30
+"""Default limit on the voxel bytes a header may claim (2 GiB); see :func:`max_volume_bytes`."""
+
+MAX_VOLUME_BYTES_VARIABLE = "SUBSEG_MAX_VOLUME_BYTES"
+"""The environment variable that overrides :data:`MAX_VOLUME_BYTES`."""
+
+_GZIP_CHUNK = 1 << 20
+
+
+def max_volume_bytes() -> int:
+    """The most voxel bytes a file's header may claim before it is refused unread.
+
+    ``SUBSEG_MAX_VOLUME_BYTES`` (a positive whole number of bytes) overrides the 2 GiB default,
+    e.g. for very high-resolution scans.
+
+    Raises:
+        InputError: the variable is set but not a positive whole number.
+    """
+    value = os.environ.get(MAX_VOLUME_BYTES_VARIABLE, "").strip()
+    if not value:
+        return MAX_VOLUME_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise InputError(
+            f"{MAX_VOLUME_BYTES_VARIABLE}={value!r}: not a positive whole number of bytes"
+        )
+    return limit
+
+
+def _gzip_size_at_least(path: Path, wanted: int) -> int:
+    """Decompress ``path`` (every gzip member) counting bytes, up to ``wanted``; keep none.
+
+    Returns the count, which is below ``wanted`` only when the file ends (or its data break
+    off) first.
+    """
+    count = 0
+    inflate = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        pending = b""
+        while count < wanted:
+            if not pending:
+                pending = f.read(_GZIP_CHUNK)
+                if not pending:  # the file ends: take what zlib still holds back
+                    with contextlib.suppress(zlib.error):
+                        count += len(inflate.flush())
+                    break
+            try:
+                # max_length bounds what one call returns: the claim is never held in memory.
+                count += len(inflate.decompress(pending, _GZIP_CHUNK))
+            except zlib.error:
+                break  # corrupt data: what was counted so far is all the file holds
+            pending = inflate.unconsumed_tail
+            if inflate.eof:  # a member ends; another may follow (bgzip and pigz -i write many)
+                pending = inflate.unused_data + pending
+                inflate = zlib.decompressobj(wbits=31)
+    return count
+
+
+def _check_claim(path: Path, img) -> None:
+    """Refuse a file whose header claims more voxels than allowed, or than the file holds.
+
+    Runs on the header alone (``nib.load`` reads nothing else), before any voxel array is
+    allocated: a 74-byte file may claim tens of gigabytes.
+    """
+    try:
+        shape = tuple(int(n) for n in img.shape)
+        itemsize = int(img.get_data_dtype().itemsize)
+    except (AttributeError, TypeError, ValueError):
+        return  # not a voxel image: reading it fails with its own message
+    claimed = int(np.prod(shape, dtype=object)) * itemsize  # Python ints: no overflow
+    limit = max_volume_bytes()
+    if claimed > limit:
+        raise InputError(
+            f"{path}: header claims shape {shape} of {img.get_data_dtype()} ({claimed} bytes), "
+            f"above the limit of {limit} bytes (set {MAX_VOLUME_BYTES_VARIABLE} to raise it)"
+        )
+    # Only single-file NIfTI says where its voxels start; other formats are read as they are.
+    if not isinstance(img, nib.Nifti1Image):
+        return
+    offset = int(img.dataobj.offset)
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        held = path.stat().st_size
+    elif name.endswith(".nii.gz"):
+        wanted = offset + claimed
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            trailer = int.from_bytes(f.read(4), "little")  # ISIZE: length mod 2**32
+        # A whole single-member file's trailer equals the claim: nothing to decompress. Else
+        # it may be cut short, or hold several members (the trailer tells the last one's
+        # length only): only counting the decompressed bytes decides. Claims of 4 GiB and
+        # more (the limit raised) wrap the trailer and are left to nibabel.
+        if wanted >= 1 << 32 or trailer == wanted:
+            return
+        held = _gzip_size_at_least(path, wanted)
+    else:
+        return
+    if held < offset + claimed:
+        raise InputError(
+            f"{path}: cannot be read as NIfTI (header claims {claimed} bytes of voxels but the "
+            f"file holds {max(held - offset, 0)})"
+        )
+
+
 def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a volume's header, check its claims, then its voxels (see :func:`_check_claim`).
+
+    Environment:
+        SUBSEG_MAX_VOLUME_BYTES: the most voxel bytes (shape × item size) a header may claim;
+            2 GiB by default (:func:`max_volume_bytes`).
+    """
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
+        img = nib.load(path)  # the header only: voxels are read on demand
     except Exception as exc:  # nibabel raises many types; the user needs one line
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: cannot be read as NIfTI ({reason})") from None
+        raise InputError(f"{path}: cannot be read as NIfTI ({_first_line(exc)})") from None
+    _check_claim(path, img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as NIfTI ({_first_line(exc)})") from None
     if data.dtype.kind not in "biuf" or data.dtype.names is not None:
         raise InputError(f"{path}: voxel type {data.dtype} is not a real scalar (RGB or complex?)")
     if data.ndim == 4 and data.shape[3] == 1:
@@ -162,6 +279,10 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: the affine is singular or not finite")
     return data, img
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _canonical(data: np.ndarray, img: nib.Nifti1Image, path: Path) -> Volume:
@@ -299,7 +420,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             that choose a format by extension (``.nii.gz``, ``.png``) still do.
 
     Yields:
-        The temporary path to write to.
+        The temporary path to write to. Once the caller is done, it is fsynced, renamed to
+        ``path``, and the folder fsynced, so that a crash never leaves a half-written file
+        under the final name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,9 +437,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        # Flush the bytes to disk before the rename: after a power cut, a renamed file whose
+        # data never reached the disk would be a whole-looking empty or partial file.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # make the rename itself durable
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse to fsync a folder; the rename stands anyway
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dtype=None) -> Path:

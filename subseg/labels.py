@@ -184,6 +184,25 @@ def map_to_classes(raw: np.ndarray, spec: LabelSpec) -> np.ndarray:
     return _apply_lookup(raw, class_lookup(spec), np.uint8)
 
 
+def raw_dtype(spec: LabelSpec) -> np.dtype:
+    """The smallest integer type that holds every id :func:`map_to_raw` writes for ``spec``.
+
+    uint8, int16 or int32 (NIfTI readers handle these widely), so that an id such as 40001 is
+    written as itself, never wrapped round (``int16`` made it −25535).
+
+    Raises:
+        LabelSpecError: an id outside the 32-bit integer range.
+    """
+    written = [0, *(ids[0] for ids in raw_ids(spec).values())]
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= min(written) and max(written) <= info.max:
+            return np.dtype(dtype)
+    raise LabelSpecError(
+        f"raw ids {min(written)}..{max(written)} do not fit a 32-bit integer label file"
+    )
+
+
 def map_to_raw(classes: np.ndarray, spec: LabelSpec) -> np.ndarray:
     """Map output classes back to a protocol's raw ids (the first id of each structure).
 
@@ -192,10 +211,10 @@ def map_to_raw(classes: np.ndarray, spec: LabelSpec) -> np.ndarray:
         spec: the protocol to write in.
 
     Returns:
-        An ``int32`` array of raw ids; background stays 0.
+        An array of raw ids in :func:`raw_dtype` (every id held exactly); background stays 0.
     """
     inverse = {cls: ids[0] for cls, ids in enumerate(raw_ids(spec).values(), 1)}
-    return _apply_lookup(classes, inverse, np.int32)
+    return _apply_lookup(classes, inverse, raw_dtype(spec))
 
 
 def _apply_lookup(values: np.ndarray, lookup: Mapping[int, int], dtype) -> np.ndarray:

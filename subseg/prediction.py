@@ -4,6 +4,10 @@ A batch is checked whole before any scan is segmented (readable scans, distinct 
 A scan that still fails while it is segmented is reported and skipped, the others finish, and
 ``volumes.csv`` lists exactly this batch's segmentations on disk: it is rewritten after each
 scan, and each scan's segmentation is the last of its files to be written.
+
+``out_dir`` is the user's folder as much as ours: one ``predict.py`` at a time writes it (its
+lock), it may not be or hold a folder of input scans, and only files listed in its manifest
+(:mod:`subseg.output_manifest`) are ever replaced or removed.
 """
 
 from __future__ import annotations
@@ -15,27 +19,50 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
 
-from subseg import cache, inference, io, overlay, quality, sides
+from subseg import cache, inference, io, overlay, quality, sides, stripping
 from subseg import labels as label_protocol
+from subseg.folder_lock import FolderLock
+from subseg.output_manifest import OutputManifest
 from subseg.trained_model import load_network, model_of
 
 VOLUME_COLUMNS = ["subject", "structure", "volume_mm3", "qc"]
 FAILURE_COLUMNS = ["scan", "error"]
 
 
+OUTPUT_KINDS = ("seg", "prob")
+"""What subseg writes beside a scan's name (``<id>_seg.nii.gz``): never taken as a scan."""
+
+
+def is_output_name(path: Path) -> bool:
+    """Whether a NIfTI file is named as one of subseg's outputs (``*_seg``, ``*_prob``)."""
+    return cache.stem(path).endswith(tuple(f"_{kind}" for kind in OUTPUT_KINDS))
+
+
 def input_images(spec) -> list[Path]:
-    """T1 files named by a file, a folder (every .nii / .nii.gz in it) or a list of either."""
+    """T1 files named by a file, a folder (every .nii / .nii.gz in it) or a list of either.
+
+    A folder's ``*_seg`` and ``*_prob`` files, and files its subseg manifest lists, are outputs
+    (subseg's, or labels named like them), not scans: they are left out, and a line says so.
+    """
     items = [spec] if isinstance(spec, str | Path) else list(spec)
     files = []
     for item in map(Path, items):
         if item.is_dir():
-            found = sorted(
+            ours = set(OutputManifest(item).files)
+            candidates = [
                 p
                 for p in item.iterdir()
                 if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
-            )
+            ]
+            found = sorted(p for p in candidates if not is_output_name(p) and p.name not in ours)
+            if len(found) < len(candidates):
+                print(
+                    f"subseg: {item}: {len(candidates) - len(found)} file(s) named as outputs "
+                    "(*_seg, *_prob) or written by subseg are not taken as scans",
+                    file=sys.stderr,
+                )
             if not found:
-                raise io.InputError(f"{item}: no .nii or .nii.gz files in this folder")
+                raise io.InputError(f"{item}: no .nii or .nii.gz scans in this folder")
             files += found
         elif item.is_file():
             files.append(item)
@@ -62,26 +89,61 @@ def check_batch(files: list[Path]) -> None:
         io.load_image(path)  # one line naming the file on a bad one
 
 
+def check_out_dir(out_dir: Path, spec, files: list[Path]) -> None:
+    """Refuse an ``out_dir`` that is, or holds, a folder of input scans.
+
+    Outputs beside the scans mix with the user's files (a manual ``<id>_seg.nii.gz`` has the
+    very name of an output) and become inputs of the next folder run.
+
+    Raises:
+        io.InputError: one line naming the input folder.
+    """
+    items = [spec] if isinstance(spec, str | Path) else list(spec)
+    folders = {Path(i).resolve() for i in items if Path(i).is_dir()}
+    folders |= {f.resolve().parent for f in files}
+    out = out_dir.resolve()
+    for folder in sorted(folders):
+        if folder == out or folder.is_relative_to(out):
+            where = "is" if folder == out else "holds"
+            raise io.InputError(
+                f"{out_dir}: out_dir {where} the input folder {folder}; write the outputs to a "
+                "folder of their own (out_dir=...)"
+            )
+
+
 def _outputs(out_dir: Path, scan: Path) -> list[Path]:
     """The files a scan's segmentation writes."""
     subject = cache.stem(scan)
     return [out_dir / f"{subject}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png")]
 
 
-def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> list[dict]:
-    """Segment one scan and write its outputs; its rows of ``volumes.csv``."""
+def segment_scan(
+    net, prepare, path: Path, cfg: DictConfig, out_dir: Path, manifest: OutputManifest
+) -> list[dict]:
+    """Segment one scan and write its outputs, each recorded in ``manifest``.
+
+    Returns:
+        The scan's rows of ``volumes.csv``.
+    """
     subject = cache.stem(path)
     image = io.load_image(path)
+    warnings = []
+    unstripped = stripping.skull_warning(image)
+    if unstripped is not None:
+        sides.warn_once(path, unstripped)
+        warnings.append(unstripped)
     item = prepare({"image": str(path)})
     volume, prior = item["image"][0].numpy(), item["prior"]
     classes, probabilities = inference.segment(net, volume, prior, bool(cfg.postprocessing))
-    sides.warn_sides(classes, image.affine, path)  # the paper's No-TL runs swapped sides
+    swapped = sides.warn_sides(classes, image.affine, path)  # the paper's No-TL runs swapped sides
+    if swapped is not None:
+        warnings.append(swapped)
     if cfg.probabilities:
         full = np.zeros((*image.data.shape, label_protocol.NUM_CLASSES), np.float32)
         full[..., 0] = 1.0
         full[prior.box] = np.moveaxis(probabilities, 0, -1)
         full[prior.box][~(prior.regions > 0)] = np.eye(label_protocol.NUM_CLASSES)[0]
-        io.save_like(full, image, out_dir / f"{subject}_prob.nii.gz")
+        manifest.claim(io.save_like(full, image, out_dir / f"{subject}_prob.nii.gz"))
     overlay.save_overlay(
         image.data,
         classes,
@@ -89,12 +151,15 @@ def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> li
         out_dir / f"{subject}_qc.png",
         title=f"{subject}: subseg segmentation",
     )
+    manifest.claim(out_dir / f"{subject}_qc.png")
+    # map_to_raw's type holds every id of the protocol (40001 stays 40001).
     stored = label_protocol.map_to_raw(classes, cfg.raw_ids) if cfg.raw_ids else classes
-    io.save_like(  # the segmentation last: on disk, it comes with everything else
-        stored.astype(np.int16 if cfg.raw_ids else np.uint8),
+    seg = io.save_like(  # the segmentation last: on disk, it comes with everything else
+        stored if cfg.raw_ids else stored.astype(np.uint8),
         image,
         out_dir / f"{subject}_seg.nii.gz",
     )
+    manifest.claim(seg)
     counts = np.bincount(classes.ravel(), minlength=label_protocol.NUM_CLASSES)
     scores = quality.structure_scores(classes, probabilities, prior)
     return [
@@ -103,6 +168,7 @@ def segment_scan(net, prepare, path: Path, cfg: DictConfig, out_dir: Path) -> li
             "structure": name,
             "volume_mm3": float(counts[c] * image.voxel_volume_mm3),
             "qc": score["qc"],
+            "warnings": "; ".join(warnings),
         }
         for (c, name), score in zip(enumerate(label_protocol.STRUCTURES, 1), scores, strict=True)
     ]
@@ -128,42 +194,60 @@ def predict(cfg: DictConfig) -> list[dict]:
     out_dir = Path(cfg.out_dir)
     checkpoint, contract, _ = model_of(cfg)
     net = load_network(checkpoint)
+    if cfg.raw_ids:
+        label_protocol.raw_dtype(cfg.raw_ids)  # ids no label file can hold: refused now
     files = input_images(cfg.input)
+    check_out_dir(out_dir, cfg.input, files)
     check_batch(files)
-    io.ensure_writable(out_dir)
-    stale_tables = [out_dir / "failures.csv", out_dir / "qc.csv"]
-    for stale in [*stale_tables, *(p for f in files for p in _outputs(out_dir, f))]:
-        stale.unlink(missing_ok=True)  # an earlier batch's outputs of these scans
+    with FolderLock(out_dir, "out_dir"):  # one predict.py at a time writes here
+        return _predict_batch(cfg, out_dir, net, contract, files)
+
+
+def _flag_reason(row: dict) -> str:
+    """A flagged scan in the closing line: its warning, else its worst structure."""
+    if row["warnings"]:
+        return f"{row['subject']}: {row['warnings'].split(';')[0]}"
+    return f"{row['subject']} ({row['worst_structure']} {row['worst_qc']:.2f})"
+
+
+def _predict_batch(cfg: DictConfig, out_dir: Path, net, contract, files: list[Path]) -> list:
+    """Segment a checked batch into ``out_dir`` (its lock held): see :func:`predict`."""
+    manifest = OutputManifest(out_dir)
+    tables = [out_dir / name for name in ("volumes.csv", "qc.csv", "failures.csv")]
+    outputs = [*tables, *(p for f in files for p in _outputs(out_dir, f))]
+    manifest.check_writable(outputs)  # a file subseg did not write: refused, nothing touched
+    for stale in outputs[1:]:
+        manifest.remove(stale)  # an earlier batch's outputs of these scans (ours only)
     print(f"subseg: input: {contract.describe()}")
     prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
     rows, failures, table = [], [], []
     for path in track(files, description="segmenting"):
         try:
-            rows += segment_scan(net, prepare, path, cfg, out_dir)
+            rows += segment_scan(net, prepare, path, cfg, out_dir, manifest)
         except Exception as exc:  # one bad scan must not cost the rest of the batch
             if io.find_output_error(exc) is not None:  # a full disk fails every scan: stop
                 raise
             reason = io.find_input_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
             for partial in _outputs(out_dir, path):
-                partial.unlink(missing_ok=True)
+                manifest.remove(partial)
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)
-        io.write_csv(rows, VOLUME_COLUMNS, out_dir / "volumes.csv")
+        volumes = [{k: r[k] for k in VOLUME_COLUMNS} for r in rows]
+        manifest.claim(io.write_csv(volumes, VOLUME_COLUMNS, out_dir / "volumes.csv"))
         table = quality.scan_table(rows)  # relative to the batch: redone as the batch grows
-        io.write_csv(table, quality.SCAN_COLUMNS, out_dir / "qc.csv")
+        manifest.claim(io.write_csv(table, quality.SCAN_COLUMNS, out_dir / "qc.csv"))
     done = len(files) - len(failures)
     print(f"subseg: {done} of {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")
     flagged = [r for r in table if r["flagged"]]
     if flagged:
-        names = ", ".join(
-            f"{r['subject']} ({r['worst_structure']} {r['worst_qc']:.2f})" for r in flagged[:5]
-        )
+        names = ", ".join(_flag_reason(r) for r in flagged[:5])
         print(
-            f"subseg: check first: {len(flagged)} scan(s) with a structure scoring far below the "
-            f"batch's ({names}{' …' if len(flagged) > 5 else ''}); every scan ranked in qc.csv"
+            f"subseg: check first: {len(flagged)} scan(s) with a warning or a structure scoring "
+            f"far below the batch's ({names}{' …' if len(flagged) > 5 else ''}); every scan "
+            "ranked in qc.csv"
         )
     if failures:
-        io.write_csv(failures, FAILURE_COLUMNS, out_dir / "failures.csv")
+        manifest.claim(io.write_csv(failures, FAILURE_COLUMNS, out_dir / "failures.csv"))
         raise io.InputError(
             f"{out_dir}: {len(failures)} of {len(files)} scans failed and were skipped "
             f"(listed in failures.csv; first: {failures[0]['scan']})"

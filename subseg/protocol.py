@@ -16,8 +16,9 @@ import numpy as np
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import finetuning, report, training
-from subseg.run_folder import RunFolder, config_hash
+from subseg import cohort, finetuning, report, training
+from subseg.contract import as_dict
+from subseg.run_folder import RunFolder, run_hash
 
 
 def _compose(name: str, overrides: list[str], run: RunFolder) -> DictConfig:
@@ -93,7 +94,12 @@ def run(cfg: DictConfig) -> dict:
         The report's summary (with ``findings``).
     """
     out_dir = Path(cfg.output_dir)
-    common = [f"paths.data_dir={cfg.paths.data_dir}", f"paths.output_dir={cfg.paths.output_dir}"]
+    # The demo's run folders are its own: a changed demo config replaces them (overwrite=true).
+    common = [
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.output_dir={cfg.paths.output_dir}",
+        "overwrite=true",
+    ]
     started = time.perf_counter()
     source, timings = _source(cfg, out_dir, common)
     folders, capped, more = _fine_tune_all(cfg, source, out_dir, common)
@@ -133,7 +139,9 @@ def _source(cfg: DictConfig, out_dir: Path, common: list[str]) -> tuple[RunFolde
         return source, {}
     overrides = [*common, f"dataset={cfg.source.name}", *cfg.train_overrides]
     train_cfg = _compose("train", overrides, source)
-    if source.is_complete(config_hash(train_cfg)):
+    if source.is_complete(
+        run_hash(train_cfg, data=cohort.file_digests(as_dict(train_cfg.dataset)))
+    ):
         print(f"subseg demo: reusing the source run {source.path} (complete, same config)")
         return source, {}
     print("subseg demo: [source] training on the source cohort")

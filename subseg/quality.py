@@ -88,8 +88,12 @@ def scan_table(rows: Sequence[dict]) -> list[dict]:
     least :data:`MIN_BATCH` scans), or below :data:`ABSOLUTE_FLAG` whatever the batch (a
     structure missing or nearly so).
 
+    A scan with a warning (left and right exchanged, not skull-stripped), in its rows'
+    ``warnings``, is flagged too, the warning in ``warnings``.
+
     Args:
-        rows: ``subject``, ``structure`` and ``qc`` of every segmented structure.
+        rows: ``subject``, ``structure`` and ``qc`` of every segmented structure (and, optionally,
+            the scan's ``warnings``).
 
     Returns:
         Rows of :data:`SCAN_COLUMNS`, sorted by the worst structure's relative score.
@@ -123,15 +127,18 @@ def scan_table(rows: Sequence[dict]) -> list[dict]:
                 "worst_structure": worst["structure"],
                 "worst_qc": worst["qc"],
                 "worst_vs_batch": relative[worst["structure"]],
-                "flagged": bool(low),
+                "flagged": bool(low) or bool(mine[0].get("warnings")),
                 "why": "; ".join(
                     f"{r['structure']} {r['qc']:.2f} ({relative[r['structure']]:.2f} of the "
                     "batch median)"
                     for r in sorted(low, key=lambda r: relative[r["structure"]])
                 ),
+                "warnings": mine[0].get("warnings") or "",
             }
         )
-    return sorted(table, key=lambda r: (r["worst_vs_batch"], r["worst_qc"], r["subject"]))
+    return sorted(  # a scan with a warning first: its whole segmentation is in doubt
+        table, key=lambda r: (not r["warnings"], r["worst_vs_batch"], r["worst_qc"], r["subject"])
+    )
 
 
 SCAN_COLUMNS = (
@@ -142,4 +149,5 @@ SCAN_COLUMNS = (
     "worst_vs_batch",
     "flagged",
     "why",
+    "warnings",
 )

@@ -16,15 +16,22 @@ The layout (no other module spells these paths)::
     <run>/summary.json            Avg, wAvg, per-structure Dice, how the fit ended
     <run>/source_test/            the same two files on the source cohort's test subjects
     <run>/segmentations/          test segmentations (evaluate.py segmentations=true)
-    <run>/started.json            the config hash a run started with (resume checks it)
+    <run>/started.json            the config hash and data digests a run started with
     <run>/fit.json                how the fit ended, written as soon as it ends
-    <run>/complete.json           written last: the run finished (config hash and config)
+    <run>/complete.json           written last: the run finished (config hash, config, data)
+    <run>/.subseg.lock            held while a process writes the run (:mod:`subseg.folder_lock`)
 
 A run is complete only when ``complete.json`` exists, and it is written after every other file:
 a killed run, or one still running, has none, and every reader (a source run for fine-tuning,
 the demo's reuse, the report, evaluate, predict) refuses it with a one-line error. Starting a run
 deletes the marker first and then the previous results, so nothing stale survives beside new
 files.
+
+A finished run is never replaced silently: starting another configuration in its folder is a
+one-line error naming what differs, unless ``overwrite=true``; only a change of the cohort's
+files (a corrected label, an added scan) re-runs it, and says which files changed. Default run
+names end with :func:`config_id`, so runs that differ get folders of their own, and one process
+at a time writes a folder (its lock).
 """
 
 from __future__ import annotations
@@ -38,17 +45,27 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from subseg import environment, io
 from subseg.contract import LOCAL_KEYS, InputContract, as_dict
+from subseg.folder_lock import FolderLock
 
-UNHASHED_KEYS = ("resume", "num_workers", "logger", "paths")
+UNHASHED_KEYS = ("resume", "num_workers", "logger", "paths", "overwrite")
 """Config keys that change where or how a run is made, never its result: outside the hash.
 
 Paths the config resolves from them (a dataset's ``root``) stay in: a cohort moved elsewhere is
 treated as another cohort and its runs are redone.
 """
+
+
+def _strip(node):
+    """A config without what never changes a result (:data:`LOCAL_KEYS`, threads)."""
+    if isinstance(node, Mapping):
+        return {k: _strip(v) for k, v in node.items() if k not in LOCAL_KEYS and k != "threads"}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
 
 
 def config_hash(cfg, inputs: Mapping | None = None) -> str:
@@ -62,17 +79,85 @@ def config_hash(cfg, inputs: Mapping | None = None) -> str:
         16 hex digits.
     """
     resolved = as_dict(cfg) or {}
-
-    def strip(node):
-        if isinstance(node, Mapping):
-            return {k: strip(v) for k, v in node.items() if k not in LOCAL_KEYS and k != "threads"}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    kept = strip({k: v for k, v in resolved.items() if k not in UNHASHED_KEYS})
+    kept = _strip({k: v for k, v in resolved.items() if k not in UNHASHED_KEYS})
     text = json.dumps({"config": kept, "inputs": dict(inputs or {})}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_hash(cfg, inputs: Mapping | None = None, data: Mapping | None = None) -> str:
+    """What a run's completion marker records: the config, input models and cohort files.
+
+    Args:
+        cfg: the composed config.
+        inputs: digests of the model files it starts from (a source checkpoint).
+        data: digests of the cohort's files (:func:`subseg.cohort.file_digests`).
+    """
+    return config_hash(cfg, {**dict(inputs or {}), "data": dict(data or {})})
+
+
+def config_id(*, _root_) -> str:
+    """8 hex digits of everything in a config that changes a run's result, its name aside.
+
+    Registered as the ``config_id`` resolver, so that a default run name
+    (``name: ${dataset.name}_${config_id:}``) differs whenever the runs do: another seed,
+    recipe, cohort root, ``target.ids`` or source run gets a folder of its own instead of
+    colliding with a finished run. The name itself and Hydra's own settings are left out (the
+    name refers to this value; Hydra's settings say where, not what).
+    """
+    kept = {}
+    for key in _root_.keys():  # keys() resolves nothing: the name would refer back to us
+        if key in ("name", "hydra", *UNHASHED_KEYS):
+            continue
+        value = _root_[key]
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        kept[key] = value
+    text = json.dumps(_strip(kept), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+OmegaConf.register_new_resolver("config_id", config_id, replace=True)
+
+
+def config_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[str]:
+    """What differs between two configs, as ``key: old → new`` (dotted keys, result-changing only).
+
+    Args:
+        before: a finished run's config.
+        after: the config about to run.
+        limit: at most this many entries; one more says how many were left out.
+    """
+
+    def flat(node, prefix=""):
+        if isinstance(node, Mapping):
+            out = {}
+            for key, value in node.items():
+                if prefix or key not in (*UNHASHED_KEYS, "name"):
+                    out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    old, new = flat(_strip(as_dict(before) or {})), flat(_strip(as_dict(after) or {}))
+    changed = [
+        f"{key}: {old.get(key, '(unset)')} → {new.get(key, '(unset)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+    if len(changed) > limit:
+        changed = [*changed[:limit], f"and {len(changed) - limit} more"]
+    return changed
+
+
+def data_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[str]:
+    """Which cohort files changed, were added or removed between two sets of digests."""
+    changed = [
+        f"{path} {'added' if path not in before else 'removed' if path not in after else 'changed'}"
+        for path in sorted(before.keys() | after.keys())
+        if before.get(path) != after.get(path)
+    ]
+    if len(changed) > limit:
+        changed = [*changed[:limit], f"and {len(changed) - limit} more"]
+    return changed
 
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -96,6 +181,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: FolderLock | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -358,40 +444,108 @@ class RunFolder:
             )
         return self
 
-    def begin(self, cfg, inputs: Mapping | None = None) -> str | None:
-        """Start a run here unless it is already complete with the same config.
+    def begin(self, cfg, inputs: Mapping | None = None, data: Mapping | None = None) -> str | None:
+        """Start a run here unless it is already complete with the same config and data.
 
         A re-run sweep thus skips its finished points; ``cfg.resume`` keeps what continuing a
-        killed run needs.
+        killed run needs. The first process takes the folder's lock (held until :meth:`finish`
+        or the process ends): a second writer is refused with one line.
+
+        A complete run made with another configuration or input model is refused with one line
+        naming the differences, unless ``cfg.overwrite``; one whose only change is the cohort's
+        files (``data``) is re-run, and the line says which files changed.
 
         Args:
             cfg: the run's composed config.
             inputs: digests of the files it depends on (see :func:`config_hash`).
+            data: digests of the cohort's files, by path (:func:`subseg.cohort.file_digests`).
 
         Returns:
             The config hash to :meth:`finish` with, or ``None``: complete already, nothing to do.
+
+        Raises:
+            io.InputError: another process writes this folder, a finished run of another
+                configuration is here, or ``resume=true`` meets another configuration.
         """
-        digest = config_hash(cfg, inputs)
+        data = dict(data or {})
+        digest = run_hash(cfg, inputs, data)
         io.ensure_writable(self.path)  # one line now, not a traceback from deep in a writer
-        if self.is_complete(digest):
-            print(
-                f"subseg: {self.path}: already complete with this configuration; skipped "
-                "(delete the folder to run it again)",
-                file=sys.stderr,
+        first = is_first_process()  # DDP's relaunched ranks: rank 0 owns the folder
+        if first:
+            self.lock()
+        try:
+            if self.is_complete(digest):
+                print(
+                    f"subseg: {self.path}: already complete with this configuration and data; "
+                    "skipped (overwrite=true runs it again)",
+                    file=sys.stderr,
+                )
+                self.unlock()
+                return None
+            self._refuse_replacing(cfg, inputs, data)
+            resume = bool(cfg.get("resume"))
+            started = self.read_json(self.started_file).get("config_hash")
+            if resume and started not in (None, digest):
+                raise io.InputError(
+                    f"{self.path}: was started with another configuration; resume=true would mix "
+                    "the two (drop resume=true to start afresh, or give this run another name=)"
+                )
+            if not first:
+                return digest
+            self.start(resume=resume)
+            self.write_json(
+                self.started_file,
+                {"config_hash": digest, "inputs": dict(inputs or {}), "data": data},
             )
-            return None
-        resume = bool(cfg.get("resume"))
-        started = self.read_json(self.started_file).get("config_hash")
-        if resume and started not in (None, digest):
-            raise io.InputError(
-                f"{self.path}: was started with another configuration; resume=true would mix "
-                "the two (drop resume=true to start afresh, or give this run another name=)"
-            )
-        if not is_first_process():  # DDP's relaunched ranks: rank 0 owns the folder
-            return digest
-        self.start(resume=resume)
-        self.write_json(self.started_file, {"config_hash": digest})
+        except BaseException:
+            self.unlock()
+            raise
+        print(f"subseg: run folder {self.path}", file=sys.stderr)
         return digest
+
+    def _refuse_replacing(self, cfg, inputs: Mapping | None, data: Mapping) -> None:
+        """Refuse to start over a finished run of another config, unless ``cfg.overwrite``."""
+        record = self.completion()
+        if record is None:
+            return
+        # A marker without data digests (an older subseg) cannot say what changed: refused below.
+        changed_data = data_differences(record["data"], data) if "data" in record else []
+        if cfg.get("overwrite"):
+            print(
+                f"subseg: {self.path}: overwrite=true: replacing the finished run", file=sys.stderr
+            )
+            return
+        changes = config_differences(record.get("config") or {}, cfg)
+        before_inputs = record.get("inputs")
+        if before_inputs is not None and dict(before_inputs) != dict(inputs or {}):
+            moved = sorted(
+                k
+                for k in before_inputs.keys() | dict(inputs or {}).keys()
+                if before_inputs.get(k) != dict(inputs or {}).get(k)
+            )
+            changes.append(f"its {', '.join(moved)} model file changed")
+        if changes or not changed_data:
+            what = "; ".join(changes) or "a run made by another subseg version"
+            raise io.InputError(
+                f"{self.path}: holds a finished run with another configuration ({what}); give "
+                "this run another name=, or overwrite=true to replace it"
+            )
+        print(
+            f"subseg: {self.path}: the cohort changed since this run finished "
+            f"({', '.join(changed_data)}): running it again",
+            file=sys.stderr,
+        )
+
+    def lock(self) -> FolderLock:
+        """Take this folder's lock (one writer at a time); kept until :meth:`unlock`."""
+        self._lock = FolderLock(self.path, "run folder").acquire()
+        return self._lock
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (nothing happens if none is held)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def start(self, resume: bool = False) -> None:
         """Begin a run here: the marker goes first, then every earlier result.
@@ -429,17 +583,21 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def finish(self, task: str, config_hash_: str, cfg=None) -> None:
-        """Write the completion marker: the last file of every run.
+        """Write the completion marker, the last file of every run, and release the lock.
 
         Args:
             task: ``train``, ``finetune`` or ``evaluate``.
             config_hash_: what :meth:`begin` returned.
             cfg: the run's config, kept in the marker (see :meth:`config`).
         """
+        started = self.read_json(self.started_file)
         record = {
             "task": task,
             "config_hash": config_hash_,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": as_dict(cfg),
+            "inputs": started.get("inputs", {}),
+            "data": started.get("data", {}),
         }
         self.write_json(self.marker_file, record)
+        self.unlock()

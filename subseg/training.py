@@ -87,7 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
     subjects = check_cohort(dataset)  # a bad file stops the run before it writes anything
     cohort.default_splits(dataset, subjects)  # an impossible split too
-    digest = run.begin(cfg)
+    digest = run.begin(cfg, data=cohort.file_digests(dataset))
     if digest is None:
         return run.summary()
     L.seed_everything(int(cfg.seed), workers=True)

@@ -143,7 +143,7 @@ def test_resume_refuses_a_run_started_with_another_configuration(tmp_path):
     run = RunFolder(tmp_path / "run")
     first = _cfg("finetune", "source_run=x", "resume=true")
     digest = run.begin(first)
-    assert run.read_json(run.started_file) == {"config_hash": digest}
+    assert run.read_json(run.started_file)["config_hash"] == digest
     run.last_checkpoint.parent.mkdir()
     run.last_checkpoint.write_bytes(b"killed here")
     assert run.begin(first) == digest and run.last_checkpoint.is_file()  # kept to resume from
