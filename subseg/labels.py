@@ -211,10 +211,10 @@ def map_to_raw(classes: np.ndarray, spec: LabelSpec) -> np.ndarray:
         spec: the protocol to write in.
 
     Returns:
-        An array of raw ids in :func:`raw_dtype` (every id held exactly); background stays 0.
+        An ``int32`` array of raw ids; background stays 0. Write it as :func:`raw_dtype`.
     """
     inverse = {cls: ids[0] for cls, ids in enumerate(raw_ids(spec).values(), 1)}
-    return _apply_lookup(classes, inverse, raw_dtype(spec))
+    return _apply_lookup(classes, inverse, np.int32)
 
 
 def _apply_lookup(values: np.ndarray, lookup: Mapping[int, int], dtype) -> np.ndarray:

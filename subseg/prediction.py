@@ -152,10 +152,13 @@ def segment_scan(
         title=f"{subject}: subseg segmentation",
     )
     manifest.claim(out_dir / f"{subject}_qc.png")
-    # map_to_raw's type holds every id of the protocol (40001 stays 40001).
-    stored = label_protocol.map_to_raw(classes, cfg.raw_ids) if cfg.raw_ids else classes
+    if cfg.raw_ids:  # a type that holds every id of the protocol (40001 stays 40001)
+        stored = label_protocol.map_to_raw(classes, cfg.raw_ids)
+        stored = stored.astype(label_protocol.raw_dtype(cfg.raw_ids))
+    else:
+        stored = classes.astype(np.uint8)
     seg = io.save_like(  # the segmentation last: on disk, it comes with everything else
-        stored if cfg.raw_ids else stored.astype(np.uint8),
+        stored,
         image,
         out_dir / f"{subject}_seg.nii.gz",
     )

@@ -493,6 +493,7 @@ class RunFolder:
             if not first:
                 return digest
             self.start(resume=resume)
+            self.write_config(cfg)
             self.write_json(
                 self.started_file,
                 {"config_hash": digest, "inputs": dict(inputs or {}), "data": data},
@@ -502,6 +503,24 @@ class RunFolder:
             raise
         print(f"subseg: run folder {self.path}", file=sys.stderr)
         return digest
+
+    def write_config(self, cfg) -> None:
+        """Record the composed config (resolved) and the command's overrides in ``.hydra/``.
+
+        Written here, once the run may start, rather than by Hydra as a command begins
+        (``hydra.output_subdir: null`` in the task configs): a command refused at a finished
+        run's folder then leaves that folder exactly as it was.
+        """
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.create(as_dict(cfg) or {})
+        with io.atomic_path(self.config_file) as tmp:
+            OmegaConf.save(cfg, tmp, resolve=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            overrides = list(HydraConfig.get().overrides.task)
+            with io.atomic_path(self.config_file.with_name("overrides.yaml")) as tmp:
+                OmegaConf.save(OmegaConf.create(overrides), tmp)
 
     def _refuse_replacing(self, cfg, inputs: Mapping | None, data: Mapping) -> None:
         """Refuse to start over a finished run of another config, unless ``cfg.overwrite``."""

@@ -84,7 +84,8 @@ def test_ddp_through_train_py(tmp_path):
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    run = RunFolder(tmp_path / "out" / "train" / "synth_tiny_source")
+    (folder,) = (tmp_path / "out" / "train").glob("synth_tiny_source_*")  # name_<config id>
+    run = RunFolder(folder)
     assert run.is_complete()
     splits = json.loads(run.splits_file.read_text())
     assert len(splits["val"]) == 2 and len(splits["test"]) == 2

@@ -51,7 +51,8 @@ def source_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     paths = [f"paths.data_dir={root / 'data'}", f"paths.output_dir={root / 'out'}"]
     _run("train.py", *SOURCE, *paths, cwd=root)
-    return root, paths, root / "out" / "train" / "synth_tiny_source"
+    (run,) = (root / "out" / "train").glob("synth_tiny_source_*")  # name_<config id>
+    return root, paths, run
 
 
 def _finetune(root, paths, source, run_name, *overrides):
@@ -98,13 +99,17 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
     retained = json.loads((run1 / "source_test" / "summary.json").read_text())
     assert retained["dataset"] == "synth_tiny_source" and retained["n_subjects"] == 1
 
-    # A rerun in the same folder replaces the model (Lightning would save best-v1.ckpt beside
-    # the old one); a run of another method there is refused.
+    # A rerun told to replace the run replaces the model (Lightning would save best-v1.ckpt
+    # beside the old one); a run of another config there without overwrite=true is refused.
     old_model = (run1 / "checkpoints" / "best.ckpt").read_bytes()
-    tl1, run1 = _finetune(root, paths, source, "k1", "target.n_images=1", "seed=1")
+    tl1, run1 = _finetune(
+        root, paths, source, "k1", "target.n_images=1", "seed=1", "overwrite=true"
+    )
     assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert (run1 / "checkpoints" / "best.ckpt").read_bytes() != old_model
-    with pytest.raises(io.InputError, match="holds a finished tl1 run"):
+    with pytest.raises(
+        io.InputError, match=r"finished run with another configuration \(seed: 1 → 0"
+    ):
         _finetune(root, paths, source, "k1", "target.n_images=2")
 
     # evaluate.py rebuilds the model from the run folder alone and finds the same Dice.
@@ -126,7 +131,9 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
 
     # A rerun that stops before its first validation keeps no model at all, never the old one.
     with pytest.raises(io.InputError, match="stopped before its first validation"):
-        _finetune(root, paths, source, "k1", "target.n_images=1", "recipe.max_epochs=0")
+        _finetune(
+            root, paths, source, "k1", "target.n_images=1", "recipe.max_epochs=0", "overwrite=true"
+        )
     assert not (run1 / "checkpoints" / "best.ckpt").exists()
 
 
@@ -282,7 +289,7 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
     ]
     _run("finetune.py", *sweep_args, cwd=root)
     sweep = root / "out" / "finetune"
-    made = sorted(p.name for p in sweep.glob("synth_tiny_target_k[12]_d0_source_paper_zscore"))
+    made = sorted(p.name for p in sweep.glob("synth_tiny_target_k[12]_d0_source_paper_zscore_*"))
     assert len(made) == 2
     first = json.loads((sweep / made[0] / "splits.json").read_text())["train"]
     second = json.loads((sweep / made[1] / "splits.json").read_text())["train"]
@@ -291,7 +298,7 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
     # The same sweep again: both points are complete with the same config, so both are skipped.
     markers = [RunFolder(sweep / name).marker_file.read_text() for name in made]
     again = _run("finetune.py", *sweep_args, cwd=root)
-    assert again.stderr.count("already complete with this configuration; skipped") == 2
+    assert again.stderr.count("already complete with this configuration and data; skipped") == 2
     assert [RunFolder(sweep / name).marker_file.read_text() for name in made] == markers
 
     result = subprocess.run(

@@ -23,7 +23,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from subseg import cohort, evaluation, finetuning, inference, io, labels, prediction, sides
-from subseg.folder_lock import FolderLock
 from subseg.run_folder import RunFolder
 
 
@@ -33,11 +32,11 @@ def _compose(name, *overrides):
 
 
 def _tree(folder):
-    """Every file under ``folder`` (Hydra's .hydra/ and logs aside) with its bytes."""
+    """Every file under ``folder`` with its bytes (the command log aside: it logs every command)."""
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+        if p.is_file() and p.suffix != ".log"
     }
 
 
@@ -86,6 +85,57 @@ def test_1_default_names_differ_whenever_the_runs_do():
     assert len(train) == 2 and all(n.startswith("folder_") for n in train)
 
 
+def _finetune_cli(tmp_path, tiny_cohorts, checkpoint, *overrides):
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "finetune.py"),
+            "dataset=synth_tiny_target",
+            "~dataset.synth",  # the session's tiny cohort as it is (never regenerated)
+            f"dataset.root={tiny_cohorts['target']}",
+            "preprocess=none",
+            f"paths.output_dir={tmp_path / 'out'}",
+            f"source_run={checkpoint}",
+            "atlas=none",
+            "target.n_images=0",
+            "evaluate_source=false",
+            "logger=csv",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+
+
+@pytest.mark.slow
+def test_1_two_seeds_as_a_new_user_runs_them(tiny_cohorts, checkpoint, tmp_path):
+    for seed in (0, 1):  # no name=: both complete, both kept
+        done = _finetune_cli(tmp_path, tiny_cohorts, checkpoint, f"seed={seed}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = [RunFolder(p) for p in sorted((tmp_path / "out" / "finetune").iterdir())]
+    assert len(runs) == 2 and all(r.is_complete() for r in runs)
+    assert {r.completion()["config"]["seed"] for r in runs} == {0, 1}
+
+    first = _finetune_cli(tmp_path, tiny_cohorts, checkpoint, "seed=0", "name=mine")
+    assert first.returncode == 0, first.stderr[-3000:]
+    mine = RunFolder(tmp_path / "out" / "finetune" / "mine")
+    before = _tree(mine.path)
+    second = _finetune_cli(tmp_path, tiny_cohorts, checkpoint, "seed=1", "name=mine")
+    assert second.returncode == 2
+    errors = [line for line in second.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "(seed: 0 → 1)" in errors[0] and "Traceback" not in second.stderr
+    assert _tree(mine.path) == before  # the finished run, byte for byte, .hydra/ included
+    assert mine.config()["seed"] == 0 and (mine.path / ".hydra" / "overrides.yaml").is_file()
+    third = _finetune_cli(
+        tmp_path, tiny_cohorts, checkpoint, "seed=1", "name=mine", "overwrite=true"
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert mine.completion()["config"]["seed"] == 1
+
+
 # --- 2. one writer per folder ----------------------------------------------------------------
 
 
@@ -131,7 +181,9 @@ def test_2_a_joblib_sweep_over_two_seeds_writes_two_consistent_runs(
             "-m",
             "hydra/launcher=parallel",
             "dataset=synth_tiny_target",
+            "~dataset.synth",  # the session's tiny cohort as it is (never regenerated)
             f"dataset.root={tiny_cohorts['target']}",
+            "preprocess=none",
             f"paths.output_dir={tmp_path / 'out'}",
             f"source_run={checkpoint}",
             "atlas=none",
@@ -359,6 +411,8 @@ def test_10_side_and_skull_warnings_are_recorded_per_scan(
 
 
 def test_lock_file_names_its_holder(tmp_path):
+    from subseg.folder_lock import FolderLock
+
     with FolderLock(tmp_path / "f") as lock:
         record = lock.holder()
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()

@@ -188,5 +188,8 @@ def test_the_same_train_and_finetune_twice_give_identical_summaries(runs, tmp_pa
     # Run again with the same config: complete already, so nothing is redone or rewritten.
     marker = tuned[0].marker_file.read_text()
     again = _drive(root, "finetune", tuned[0].path, target)
-    assert again.returncode == 0 and "already complete with this configuration" in again.stderr
+    assert (
+        again.returncode == 0
+        and "already complete with this configuration and data" in again.stderr
+    )
     assert tuned[0].marker_file.read_text() == marker

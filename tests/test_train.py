@@ -81,7 +81,7 @@ def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "out" / "train" / "synth_tiny_source"
+    (run,) = (tmp_path / "out" / "train").glob("synth_tiny_source_*")  # name_<config id>
     (history,) = run.glob("wandb/offline-run-*/run-*.wandb")
     recorded = history.read_bytes()
     for name in labels.STRUCTURES:  # per-structure validation Dice is in the run's history
