@@ -227,6 +227,14 @@ def test_3_predict_never_replaces_a_manual_label(tiny_cohorts, checkpoint, tmp_p
             prediction.predict(_predict_cfg(scans, checkpoint, image))
         with pytest.raises(io.InputError, match="out_dir holds the input folder"):
             prediction.predict(_predict_cfg(tmp_path, checkpoint, image))
+    # From the command line too: Hydra writes no .hydra/ or log file into out_dir first.
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), f"ckpt={checkpoint}", f"input={scans}",
+         f"out_dir={scans}", "atlas=none"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert refused.returncode == 2 and "out_dir is the input folder" in refused.stderr
     assert (scans / "sub01_seg.nii.gz").read_bytes() == manual
     assert sorted(p.name for p in scans.iterdir()) == ["sub01.nii.gz", "sub01_seg.nii.gz"]
 
