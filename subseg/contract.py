@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from subseg import atlas, bias, io, transforms
+from subseg.config_identity import LOCAL_KEYS  # where or how fast, never what: not recorded
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The Hydra config tree (default presets are read from it)."""
@@ -108,10 +109,6 @@ class InputContract:
             f"preprocess={self.preprocess.get('name')} atlas={self.atlas.get('name')} "
             f"intensity={self.intensity}"
         )
-
-
-LOCAL_KEYS = ("cache_dir", "threads")
-"""Settings that change where or how fast, never what: never recorded, taken from the options."""
 
 
 def _without_local(preset: Mapping) -> dict:

@@ -45,27 +45,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from subseg import environment, io
-from subseg.contract import LOCAL_KEYS, InputContract, as_dict
+from subseg.config_identity import UNHASHED_KEYS, config_id, strip
+from subseg.contract import InputContract, as_dict
 from subseg.folder_lock import FolderLock
 
-UNHASHED_KEYS = ("resume", "num_workers", "logger", "paths", "overwrite")
-"""Config keys that change where or how a run is made, never its result: outside the hash.
-
-Paths the config resolves from them (a dataset's ``root``) stay in: a cohort moved elsewhere is
-treated as another cohort and its runs are redone.
-"""
-
-
-def _strip(node):
-    """A config without what never changes a result (:data:`LOCAL_KEYS`, threads)."""
-    if isinstance(node, Mapping):
-        return {k: _strip(v) for k, v in node.items() if k not in LOCAL_KEYS and k != "threads"}
-    if isinstance(node, list):
-        return [_strip(v) for v in node]
-    return node
+__all__ = ["UNHASHED_KEYS", "RunFolder", "config_hash", "config_id", "run_hash"]
 
 
 def config_hash(cfg, inputs: Mapping | None = None) -> str:
@@ -79,7 +66,7 @@ def config_hash(cfg, inputs: Mapping | None = None) -> str:
         16 hex digits.
     """
     resolved = as_dict(cfg) or {}
-    kept = _strip({k: v for k, v in resolved.items() if k not in UNHASHED_KEYS})
+    kept = strip({k: v for k, v in resolved.items() if k not in UNHASHED_KEYS})
     text = json.dumps({"config": kept, "inputs": dict(inputs or {})}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -93,30 +80,6 @@ def run_hash(cfg, inputs: Mapping | None = None, data: Mapping | None = None) ->
         data: digests of the cohort's files (:func:`subseg.cohort.file_digests`).
     """
     return config_hash(cfg, {**dict(inputs or {}), "data": dict(data or {})})
-
-
-def config_id(*, _root_) -> str:
-    """8 hex digits of everything in a config that changes a run's result, its name aside.
-
-    Registered as the ``config_id`` resolver, so that a default run name
-    (``name: ${dataset.name}_${config_id:}``) differs whenever the runs do: another seed,
-    recipe, cohort root, ``target.ids`` or source run gets a folder of its own instead of
-    colliding with a finished run. The name itself and Hydra's own settings are left out (the
-    name refers to this value; Hydra's settings say where, not what).
-    """
-    kept = {}
-    for key in _root_.keys():  # keys() resolves nothing: the name would refer back to us
-        if key in ("name", "hydra", *UNHASHED_KEYS):
-            continue
-        value = _root_[key]
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-        kept[key] = value
-    text = json.dumps(_strip(kept), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-OmegaConf.register_new_resolver("config_id", config_id, replace=True)
 
 
 def config_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[str]:
@@ -137,7 +100,7 @@ def config_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[
             return out
         return {prefix[:-1]: node}
 
-    old, new = flat(_strip(as_dict(before) or {})), flat(_strip(as_dict(after) or {}))
+    old, new = flat(strip(as_dict(before) or {})), flat(strip(as_dict(after) or {}))
     changed = [
         f"{key}: {old.get(key, '(unset)')} → {new.get(key, '(unset)')}"
         for key in sorted(old.keys() | new.keys())

@@ -283,6 +283,46 @@ def test_3_two_predicts_into_one_out_dir_never_mix(tiny_cohorts, checkpoint, tmp
         holder.wait()
 
 
+@pytest.mark.slow
+def test_3_two_predict_commands_at_once_leave_one_consistent_manifest(
+    tiny_cohorts, checkpoint, tmp_path
+):
+    out = tmp_path / "out"
+    inputs = {"a": tiny_cohorts["target"] / "images", "b": tiny_cohorts["source"] / "images"}
+    commands = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "predict.py"),
+                f"ckpt={checkpoint}",
+                f"input={folder}",
+                f"out_dir={out}",
+                "atlas=none",
+                "preprocess=none",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        )  # fmt: skip
+        for folder in inputs.values()
+    ]
+    results = [(c.wait(timeout=1800), c.stderr.read()) for c in commands]
+    for code, err in results:  # each either ran whole or was refused with one line
+        assert code == 0 or (code == 2 and "this out_dir is being written by pid" in err), err
+    assert any(code == 0 for code, _ in results)
+    manifest = json.loads((out / ".subseg-outputs.json").read_text())["files"]
+    from subseg.cache import file_digest
+
+    for name, digest in manifest.items():  # every listed file is on disk as it was written
+        assert file_digest(out / name) == digest, name
+    with open(out / "volumes.csv", newline="") as f:
+        subjects = {row["subject"] for row in csv.DictReader(f)}
+    segs = {p.name.removesuffix("_seg.nii.gz") for p in out.glob("*_seg.nii.gz")}
+    assert subjects <= segs and all(f"{s}_seg.nii.gz" in manifest for s in segs)
+
+
 # --- 5. cohorts are told apart by their files, not their names -------------------------------
 
 
