@@ -106,9 +106,12 @@ def config_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key)
     ]
-    if len(changed) > limit:
-        changed = [*changed[:limit], f"and {len(changed) - limit} more"]
-    return changed
+    return _at_most(changed, limit)
+
+
+def _at_most(items: list[str], limit: int) -> list[str]:
+    """The first ``limit`` items, and one more saying how many were left out."""
+    return items if len(items) <= limit else [*items[:limit], f"and {len(items) - limit} more"]
 
 
 def data_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[str]:
@@ -118,9 +121,7 @@ def data_differences(before: Mapping, after: Mapping, limit: int = 4) -> list[st
         for path in sorted(before.keys() | after.keys())
         if before.get(path) != after.get(path)
     ]
-    if len(changed) > limit:
-        changed = [*changed[:limit], f"and {len(changed) - limit} more"]
-    return changed
+    return _at_most(changed, limit)
 
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")

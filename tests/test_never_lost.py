@@ -85,11 +85,12 @@ def test_1_default_names_differ_whenever_the_runs_do():
     assert len(train) == 2 and all(n.startswith("folder_") for n in train)
 
 
-def _finetune_cli(tmp_path, tiny_cohorts, checkpoint, *overrides):
+def _finetune_cli(tmp_path, tiny_cohorts, checkpoint, *overrides, multirun=False):
     return subprocess.run(
         [
             sys.executable,
             str(REPO / "finetune.py"),
+            *(["-m"] if multirun else []),  # Hydra's flags come before the overrides
             "dataset=synth_tiny_target",
             "~dataset.synth",  # the session's tiny cohort as it is (never regenerated)
             f"dataset.root={tiny_cohorts['target']}",
@@ -174,29 +175,8 @@ def test_2_a_second_writer_of_a_run_folder_gets_one_line(tmp_path, capsys):
 def test_2_a_joblib_sweep_over_two_seeds_writes_two_consistent_runs(
     tiny_cohorts, checkpoint, tmp_path
 ):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "finetune.py"),
-            "-m",
-            "hydra/launcher=parallel",
-            "dataset=synth_tiny_target",
-            "~dataset.synth",  # the session's tiny cohort as it is (never regenerated)
-            f"dataset.root={tiny_cohorts['target']}",
-            "preprocess=none",
-            f"paths.output_dir={tmp_path / 'out'}",
-            f"source_run={checkpoint}",
-            "atlas=none",
-            "target.n_images=0",
-            "evaluate_source=false",
-            "logger=csv",
-            "seed=0,1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    result = _finetune_cli(
+        tmp_path, tiny_cohorts, checkpoint, "hydra/launcher=parallel", "seed=0,1", multirun=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "out" / "finetune").glob("synth_tiny_target_k0_*"))
