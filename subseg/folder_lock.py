@@ -154,9 +154,3 @@ def _describe(record: dict) -> str:
         f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}: "
         f"{record.get('command', '?')}"
     )
-
-
-def held(folder: str | os.PathLike) -> FolderLock | None:
-    """The lock this process holds on ``folder``, if any."""
-    lock = _held.get(Path(folder).resolve())
-    return lock if lock is not None and lock.held else None

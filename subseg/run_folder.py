@@ -30,8 +30,8 @@ files.
 A finished run is never replaced silently: starting another configuration in its folder is a
 one-line error naming what differs, unless ``overwrite=true``; only a change of the cohort's
 files (a corrected label, an added scan) re-runs it, and says which files changed. Default run
-names end with :func:`config_id`, so runs that differ get folders of their own, and one process
-at a time writes a folder (its lock).
+names end with :func:`subseg.config_identity.config_id`, so runs that differ get folders of
+their own, and one process at a time writes a folder (its lock).
 """
 
 from __future__ import annotations
@@ -48,11 +48,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from subseg import environment, io
-from subseg.config_identity import UNHASHED_KEYS, config_id, strip
+from subseg.config_identity import UNHASHED_KEYS, strip
 from subseg.contract import InputContract, as_dict
 from subseg.folder_lock import FolderLock
-
-__all__ = ["UNHASHED_KEYS", "RunFolder", "config_hash", "config_id", "run_hash"]
 
 
 def config_hash(cfg, inputs: Mapping | None = None) -> str:
@@ -431,7 +429,7 @@ class RunFolder:
             io.InputError: another process writes this folder, a finished run of another
                 configuration is here, or ``resume=true`` meets another configuration.
         """
-        data = dict(data or {})
+        inputs, data = dict(inputs or {}), dict(data or {})
         digest = run_hash(cfg, inputs, data)
         io.ensure_writable(self.path)  # one line now, not a traceback from deep in a writer
         first = is_first_process()  # DDP's relaunched ranks: rank 0 owns the folder
@@ -460,7 +458,7 @@ class RunFolder:
             self.write_config(cfg)
             self.write_json(
                 self.started_file,
-                {"config_hash": digest, "inputs": dict(inputs or {}), "data": data},
+                {"config_hash": digest, "inputs": inputs, "data": data},
             )
         except BaseException:
             self.unlock()
@@ -486,7 +484,7 @@ class RunFolder:
             with io.atomic_path(self.config_file.with_name("overrides.yaml")) as tmp:
                 OmegaConf.save(OmegaConf.create(overrides), tmp)
 
-    def _refuse_replacing(self, cfg, inputs: Mapping | None, data: Mapping) -> None:
+    def _refuse_replacing(self, cfg, inputs: dict, data: dict) -> None:
         """Refuse to start over a finished run of another config, unless ``cfg.overwrite``."""
         record = self.completion()
         if record is None:
@@ -499,12 +497,10 @@ class RunFolder:
             )
             return
         changes = config_differences(record.get("config") or {}, cfg)
-        before_inputs = record.get("inputs")
-        if before_inputs is not None and dict(before_inputs) != dict(inputs or {}):
+        before = record.get("inputs")
+        if before is not None and before != inputs:
             moved = sorted(
-                k
-                for k in before_inputs.keys() | dict(inputs or {}).keys()
-                if before_inputs.get(k) != dict(inputs or {}).get(k)
+                k for k in before.keys() | inputs.keys() if before.get(k) != inputs.get(k)
             )
             changes.append(f"its {', '.join(moved)} model file changed")
         if changes or not changed_data:
