@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from subseg import antspy, bias, cache, io, overlay, synth
+from subseg import antspy, bias, brain, cache, io, overlay, synth
 from subseg import labels as label_protocol
 
 FORMAT_VERSION = 1
@@ -265,7 +265,7 @@ def build_source_atlas(
         "protocol": protocol,
         "registration": asdict(registration),
         "smoothing_mm": smoothing_mm,
-        "preprocess": _n4_record(preprocess),
+        "preprocess": _preprocess_record(preprocess),
     }
     key = cache.key_of(record)
     if cache.load_entry(out_dir, key) is not None:
@@ -559,16 +559,16 @@ def cache_folder(
         # Threads change how fast, not what (up to interpolation round-off): not in the key.
         "registration": {**asdict(registration_of(cfg)), "threads": None},
         "distances": [int(cfg["roi_distance"]), int(cfg["mask_distance"])],
-        "preprocess": _n4_record(preprocess),
+        "preprocess": _preprocess_record(preprocess),
     }
     key = cache.key_of({**options, "image": cache.file_digest(image_path)})
     base = cache.base_folder(image_path, cfg.get("cache_dir"))
     return base / f"{source.name}-{cache.key_of(options)[:12]}" / cache.entry_name(image_path), key
 
 
-def _n4_record(preprocess: Mapping | None) -> dict | None:
-    settings = bias.N4.from_config(preprocess)
-    return None if settings is None else settings.record()
+def _preprocess_record(preprocess: Mapping | None) -> dict | None:
+    """What the registration saw: the scan as stored (``None``) or extracted and corrected."""
+    return None if preprocess is None else bias.record(preprocess)
 
 
 def subject_prior(
@@ -579,8 +579,8 @@ def subject_prior(
 ) -> Prior:
     """A subject's prior and ROI, from the cache when a whole matching entry is there.
 
-    The template is registered to the bias-corrected scan when ``preprocess`` says so: on the
-    synthetic target cohort that raised the prior's own Dice on the scans with the strongest
+    The template is registered to the extracted, bias-corrected scan (as ``preprocess`` says):
+    N4 raised the prior's own Dice on the synthetic target cohort's scans with the strongest
     fields (0.70 → 0.74, 0.65 → 0.72) and left the others within ±0.02.
 
     Args:
@@ -592,13 +592,16 @@ def subject_prior(
     Returns:
         The prior.
     """
-    if source is None:
+    if source is None:  # the ROI is the brain: extracted, as the network's input is
+        if preprocess is not None:
+            extracted, _ = brain.masked(image.path, image.data, image.affine, preprocess)
+            image = dataclasses.replace(image, data=extracted)
         return brain_prior(image)
     folder, key = cache_folder(image.path, cfg, source, preprocess)
     cached = _cached_prior(folder, key, image.data.shape)
     if cached is not None:
         return cached
-    if _n4_record(preprocess) is not None:
+    if preprocess is not None:  # brain extraction, then N4 (unless preprocess kind: none)
         corrected = bias.corrected(image.path, image.data, image.affine, preprocess)
         image = dataclasses.replace(image, data=corrected)
     prior = register_prior(
@@ -719,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("image", type=Path, help="skull-stripped T1 (NIfTI)")
+    parser.add_argument("image", type=Path, help="T1, raw or skull-stripped (NIfTI or .mgz)")
     parser.add_argument(
         "--atlas",
         default="harvard_oxford",
@@ -730,7 +733,8 @@ def main(argv: list[str] | None = None) -> None:
         "--preprocess",
         default="n4",
         choices=["n4", "none"],
-        help="register to the N4 bias-corrected scan, as training and prediction do (default)",
+        help="register to the extracted, N4 bias-corrected scan, as training and prediction do "
+        "(default); none: extraction only",
     )
     parser.add_argument("--out", type=Path, default=None, help="PNG (default: <image>_prior.png)")
     args = parser.parse_args(argv)

@@ -8,8 +8,10 @@ FSL FAST before FIRST, ANTs); subseg does it with ANTs' N4 through ANTsPy, befor
 standardisation, identically in training, fine-tuning, evaluation and prediction.
 
 ``conf/preprocess/n4.yaml`` holds the settings; ``preprocess=none`` skips the step for scans that
-are already corrected. The corrected volume is computed once per scan and cached beside it
-(:mod:`subseg.cache`), keyed on the file's content and the settings.
+are already corrected. Brain extraction (:mod:`subseg.brain`) comes first, whatever the N4
+setting: :func:`corrected` is the scan as everything downstream sees it — zero outside the brain
+mask, the field fitted and divided out inside it. The corrected volume is computed once per scan
+and cached beside it (:mod:`subseg.cache`), keyed on the file's content and the settings.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from subseg import antspy, cache, io
+from subseg import antspy, brain, cache, io
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when cached corrections change meaning (invalidates the cache)."""
 
 FILE = "corrected.nii.gz"
@@ -75,6 +77,15 @@ class N4:
         return out
 
 
+def record(cfg: Mapping | None) -> dict:
+    """What a ``conf/preprocess`` entry does to a scan (extraction and N4), for cache keys."""
+    settings = N4.from_config(cfg)
+    return {
+        "brain": brain.Extraction.from_config(cfg).record(),
+        "n4": None if settings is None else settings.record(),
+    }
+
+
 def correct(data: np.ndarray, affine: np.ndarray, settings: N4 = N4()) -> np.ndarray:
     """Bias-correct a skull-stripped T1 (no cache).
 
@@ -106,31 +117,32 @@ def correct(data: np.ndarray, affine: np.ndarray, settings: N4 = N4()) -> np.nda
     return np.where(brain, corrected, 0.0).astype(np.float32)
 
 
-def _entry(path: Path, cfg: Mapping, settings: N4) -> tuple[Path, str]:
+def _entry(path: Path, cfg: Mapping) -> tuple[Path, str]:
     """A scan's cache folder and the key (content of the file + settings) it must match."""
-    options = {"format": FORMAT_VERSION, "n4": settings.record()}
+    options = {"format": FORMAT_VERSION, **record(cfg)}
     key = cache.key_of({**options, "image": cache.file_digest(path)})
     folder = cache.base_folder(path, cfg.get("cache_dir")) / f"n4-{cache.key_of(options)[:12]}"
     return folder / cache.entry_name(path), key
 
 
 def corrected(path: str | Path, data: np.ndarray, affine: np.ndarray, cfg: Mapping) -> np.ndarray:
-    """A scan's bias-corrected volume, from the cache when a whole matching entry is there.
+    """A scan's brain, bias-corrected, from the cache when a whole matching entry is there.
 
     Args:
         path: the scan's file (its content keys the cache).
         data: its canonical voxel array (as :func:`subseg.io.load_image` returns it).
         affine: the canonical affine.
-        cfg: the ``conf/preprocess`` entry (``kind: none`` returns ``data`` unchanged).
+        cfg: the ``conf/preprocess`` entry (``kind: none`` skips N4: the brain as it is).
 
     Returns:
-        The corrected canonical volume (float32).
+        The canonical volume (float32), zero outside the brain mask (:mod:`subseg.brain`).
     """
+    data, _ = brain.masked(path, data, affine, cfg)
     settings = N4.from_config(cfg)
     if settings is None:
         return data
     path = Path(path)
-    folder, key = _entry(path, cfg, settings)
+    folder, key = _entry(path, cfg)
     entry = cache.load_entry(folder, key)
     if entry is not None:
         stored = np.asarray(entry[1][FILE].dataobj, dtype=np.float32)
@@ -154,18 +166,20 @@ def corrected(path: str | Path, data: np.ndarray, affine: np.ndarray, cfg: Mappi
 def ensure_corrected(
     image_paths: Sequence[str | Path], cfg: Mapping, workers: int | None = None
 ) -> int:
-    """Bias-correct every scan not cached yet, one single-threaded ITK process per core.
+    """Extract and bias-correct every scan not cached yet.
+
+    Extraction runs first, one scan at a time (the U-Net uses every core); N4 then runs in one
+    single-threaded ITK process per core.
 
     Returns:
         How many scans were corrected.
     """
+    brain.ensure_extracted(image_paths, cfg)
     settings = N4.from_config(cfg)
     if settings is None:
         return 0
     todo = [
-        (str(p), dict(cfg))
-        for p in image_paths
-        if cache.load_entry(*_entry(Path(p), cfg, settings)) is None
+        (str(p), dict(cfg)) for p in image_paths if cache.load_entry(*_entry(Path(p), cfg)) is None
     ]
     for path, _ in todo:  # one line per scan (Hydra prints INFO): what a run recomputed
         logging.getLogger("subseg").info("bias-field correction (N4): %s", path)

@@ -1,6 +1,7 @@
 """The input contract of a model: how a scan becomes the network's input.
 
-A network is only right on input prepared the way it was trained: the same bias-field correction,
+A network is only right on input prepared the way it was trained: the same brain extraction
+(:mod:`subseg.brain`), the same bias-field correction,
 the same intensity standardisation (and Nyúl landmarks), the same atlas. Every training and
 fine-tuning run records that once, in ``preprocessing.json``, and every use of the model
 (fine-tuning from it, evaluating it, predicting with it) builds its input from that record
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import atlas, bias, io, transforms
+from subseg import atlas, bias, brain, io, transforms
 from subseg.config_identity import LOCAL_KEYS  # where or how fast, never what: not recorded
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -48,7 +49,7 @@ class InputContract:
     """How a model's input is prepared: everything between the scan file and the network.
 
     Attributes:
-        preprocess: the ``conf/preprocess`` entry (bias-field correction).
+        preprocess: the ``conf/preprocess`` entry (brain extraction, bias-field correction).
         atlas: the ``conf/atlas`` entry; for ``source_labels`` its ``path`` is the saved atlas.
         intensity: ``zscore`` or ``nyul``.
         landmarks: the Nyúl standard scale (``intensity=nyul`` only).
@@ -104,8 +105,9 @@ class InputContract:
         }
 
     def describe(self) -> str:
-        """One line for logs: ``preprocess=n4 atlas=harvard_oxford intensity=zscore``."""
+        """One line for logs: ``brain=auto preprocess=n4 atlas=harvard_oxford intensity=zscore``."""
         return (
+            f"brain={brain.Extraction.from_config(self.preprocess).method} "
             f"preprocess={self.preprocess.get('name')} atlas={self.atlas.get('name')} "
             f"intensity={self.intensity}"
         )
@@ -120,7 +122,7 @@ def _without_local(preset: Mapping) -> dict:
 
 def _meaning(preset: Mapping, group: str):
     """What of a preset changes the model's input (local settings left out)."""
-    if group == "preprocess":
+    if group == "preprocess":  # the brain block may differ: see with_brain
         settings = bias.N4.from_config(preset)
         return None if settings is None else settings.record()
     registration = {k: v for k, v in (preset.get("registration") or {}).items() if k != "threads"}
@@ -128,11 +130,33 @@ def _meaning(preset: Mapping, group: str):
     return {**{k: preset.get(k) for k in keys}, "registration": registration}
 
 
+def with_brain(preprocess: Mapping, cfg) -> dict:
+    """``preprocess`` with the task's ``brain=`` option (when set) as its extraction method.
+
+    Unlike N4 or the atlas, the extraction method may differ from a model's own: every method
+    gives the network a brain (zero outside it), the model never saw the skull either way, and
+    a scan one extractor gets wrong (an infant, a lesion, a cropped field of view) must be
+    segmentable with another. What each scan went through is written beside its output.
+
+    Raises:
+        io.InputError: an unknown method.
+    """
+    preprocess = dict(preprocess)
+    chosen = cfg.get("brain") if cfg is not None else None
+    if chosen is not None:
+        block = preprocess.get("brain")
+        block = {"method": block} if isinstance(block, str) else dict(block or {})
+        preprocess["brain"] = {**block, "method": str(chosen)}
+    brain.Extraction.from_config(preprocess)  # a one-line error on an unknown method
+    return preprocess
+
+
 def check_options(contract: InputContract, cfg, where: Path | str) -> InputContract:
     """Refuse ``preprocess=`` / ``atlas=`` options that contradict a model's recorded contract.
 
     Options left unset (``null``) take the model's; an option equal to the model's is fine.
-    Local settings (``cache_dir``, ``threads``) given on the command line are applied.
+    Local settings (``cache_dir``, ``threads``) given on the command line are applied, and so is
+    ``brain=`` (:func:`with_brain`).
 
     Returns:
         ``contract``, with the local settings applied.
@@ -156,6 +180,7 @@ def check_options(contract: InputContract, cfg, where: Path | str) -> InputContr
         if threads is not None and "registration" in recorded:
             local["registration"] = {**recorded["registration"], "threads": threads}
         setattr(contract, group, {**recorded, **local})
+    contract.preprocess = with_brain(contract.preprocess, cfg)
     return contract
 
 
@@ -173,4 +198,4 @@ def contract_from_options(cfg, why: str) -> InputContract:
             if why:
                 print(f"subseg: {why}: using {group}={given['name']}", file=sys.stderr)
         chosen[group] = given
-    return InputContract(chosen["preprocess"], chosen["atlas"])
+    return InputContract(with_brain(chosen["preprocess"], cfg), chosen["atlas"])

@@ -120,3 +120,37 @@ def summarize(rows: Sequence[dict]) -> dict:
         "n_subjects": len(subjects),
         "per_structure": per_structure,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: the Dice of two segmentations of one scan, structure by structure.
+
+    ``python -m subseg.metrics a_seg.nii.gz b_seg.nii.gz`` (class ids 0-14, as ``predict.py``
+    writes them; ``--ids aseg`` for raw ids). Used to check that a raw scan and its
+    skull-stripped twin get the same structures (README, "Your scans").
+    """
+    import argparse
+
+    from subseg import io, labels
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("first", help="a segmentation (NIfTI or .mgz)")
+    parser.add_argument("second", help="another segmentation of the same scan grid")
+    parser.add_argument("--ids", default=None, help="raw id protocol (aseg, miccai2012, cerebra)")
+    args = parser.parse_args(argv)
+    with io.cli_errors():
+        first = io.load_label(args.first)
+        second = io.load_label(args.second, image=first)
+        maps = [m.data for m in (first, second)]
+        if args.ids:
+            maps = [labels.map_to_classes(m, args.ids) for m in maps]
+        elif max(int(m.max()) for m in maps) >= NUM_CLASSES:
+            raise io.InputError(f"{args.first}: holds ids above 14: give --ids (e.g. aseg)")
+        rows = structure_metrics("pair", maps[0], maps[1], first.spacing)
+    for row in rows:
+        print(f"{row['structure']:18s} {row['dsc']:.3f}")
+    print(f"{'mean Dice':18s} {np.nanmean([r['dsc'] for r in rows]):.3f}")
+
+
+if __name__ == "__main__":
+    main()

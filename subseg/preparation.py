@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from omegaconf import DictConfig
 from rich.progress import track
 
-from subseg import atlas, bias, cohort, io, transforms
-from subseg.contract import InputContract, as_dict
+from subseg import atlas, bias, brain, cohort, io, transforms
+from subseg.contract import InputContract, as_dict, with_brain
 from subseg.run_folder import RunFolder
 
 
@@ -49,8 +49,9 @@ def prepare_run(
 ) -> tuple[dict, list, object, InputContract]:
     """Set up a run folder: splits drawn once, every subject primed.
 
-    Each subject the splits use has its bias field corrected and its atlas prior computed
-    (both cached beside the subject), with a QC overlay in the run's ``qc/``; for
+    Each subject the splits use has its brain extracted (``brain_extraction.csv`` says how),
+    its bias field corrected and its atlas prior computed (all cached beside the subject), with
+    a QC overlay in the run's ``qc/``; for
     ``task=train``, ``atlas=source_labels`` is built in the run's ``atlas/`` from the training
     split.
 
@@ -68,13 +69,14 @@ def prepare_run(
     """
     dataset = as_dict(cfg.dataset)
     if contract is None:
-        contract = InputContract(as_dict(cfg.preprocess), as_dict(cfg.atlas))
+        contract = InputContract(with_brain(as_dict(cfg.preprocess), cfg), as_dict(cfg.atlas))
     protocol = dataset["label_ids"]
     splits = cohort.ensure_splits(run.splits_file, dataset, subjects, splits)
     used = {i for ids in splits.values() for i in ids}
     subjects = [s for s in subjects if s.id in used]  # a draw may leave subjects unused
     images = [s.image for s in subjects]
     bias.ensure_corrected(images, contract.preprocess)
+    write_brain_table(run.brain_file, subjects, contract.preprocess)
     # source_labels is built from a *source* cohort's training split only: built from a target
     # cohort it would leak test labels into the prior. Other tasks name a saved atlas.
     training = (
@@ -91,6 +93,32 @@ def prepare_run(
         prior = atlas.subject_prior(image, contract.atlas, source, contract.preprocess)
         atlas.save_prior_qc(image, prior, run.qc_dir / f"{subject.id}_prior.png")
     return splits, subjects, source, contract
+
+
+BRAIN_COLUMNS = ("subject", "extraction", "brain_litres", "scan_litres", "image")
+
+
+def brain_rows(subjects: list, preprocess) -> list[dict]:
+    """What brain extraction did to each subject's scan (masks from the cache)."""
+    rows = []
+    for subject in subjects:
+        image = io.load_image(subject.image)
+        found = brain.brain_mask(image.path, image.data, image.affine, preprocess)
+        rows.append(
+            {
+                "subject": subject.id,
+                "extraction": found.method,
+                "brain_litres": round(found.litres, 4),
+                "scan_litres": round(found.scan_litres, 4),
+                "image": str(subject.image),
+            }
+        )
+    return rows
+
+
+def write_brain_table(path, subjects: list, preprocess) -> None:
+    """Write :func:`brain_rows` as a run's ``brain_extraction.csv``."""
+    io.write_csv(brain_rows(subjects, preprocess), BRAIN_COLUMNS, path)
 
 
 def cached_subjects(by_id, protocol, contract: InputContract, source, num_workers=0):

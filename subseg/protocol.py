@@ -16,7 +16,7 @@ import numpy as np
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from subseg import cohort, finetuning, report, training
+from subseg import brain, cohort, finetuning, io, report, training
 from subseg.contract import as_dict
 from subseg.run_folder import RunFolder, run_hash
 
@@ -111,11 +111,15 @@ def run(cfg: DictConfig) -> dict:
     methods = report.summarize_methods(runs, "no_tl")["methods"]
     checked = findings(methods)
     suggested = suggestion_finding(methods, runs)
-    notes = _notes(checked, methods, source_summary, capped, suggested) + list(cfg.report_notes)
+    extraction = brain_extraction_quality(RunFolder(folders[0])) if folders else None
+    notes = _notes(checked, methods, source_summary, capped, suggested)
+    notes += _brain_note(extraction) + list(cfg.report_notes)
     summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
     summary["findings"] = checked
     if suggested is not None:
         summary["suggestion"] = suggested
+    if extraction is not None:
+        summary["brain_extraction"] = extraction
     summary["capped"] = [name for name, _ in capped]
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
@@ -186,6 +190,57 @@ def _fine_tune_all(cfg: DictConfig, source: RunFolder, out_dir: Path, common: li
         folders.append(run.path)
         timings[name] = time.perf_counter() - tick
     return folders, capped, timings
+
+
+def brain_extraction_quality(run: RunFolder) -> dict | None:
+    """How well brain extraction found the brain of a run's cohort, where the truth is known.
+
+    A synthetic cohort of heads (``fov: head``) holds each scan's true brain mask in
+    ``masks/<id>.nii.gz``; each scan's mask (from the cache, as the run made it) is scored
+    against it with Dice.
+
+    Returns:
+        ``{"n", "methods": {method: count}, "dice_mean", "dice_sd", "dice_min", "per_scan"}``,
+        or ``None`` for a cohort without true masks.
+    """
+    dataset = run.config()["dataset"]
+    truth_dir = Path(dataset["root"]) / "masks"
+    if not truth_dir.is_dir():
+        return None
+    preprocess = run.contract().preprocess
+    per_scan, methods = {}, {}
+    for subject in cohort.list_subjects({**dataset, "ids": None}, require_labels=False):
+        truth_file = truth_dir / f"{subject.id}.nii.gz"
+        if not truth_file.is_file():
+            continue
+        image = io.load_image(subject.image)
+        found = brain.brain_mask(image.path, image.data, image.affine, preprocess)
+        truth = io.load_label(truth_file, image=image).data > 0
+        overlap = 2.0 * np.count_nonzero(found.mask & truth)
+        per_scan[subject.id] = overlap / max(int(found.mask.sum() + truth.sum()), 1)
+        methods[found.method] = methods.get(found.method, 0) + 1
+    if not per_scan:
+        return None
+    values = np.array(list(per_scan.values()))
+    return {
+        "n": len(values),
+        "methods": methods,
+        "dice_mean": float(values.mean()),
+        "dice_sd": float(values.std()),
+        "dice_min": float(values.min()),
+        "per_scan": {k: round(float(v), 4) for k, v in per_scan.items()},
+    }
+
+
+def _brain_note(found: Mapping | None) -> list[str]:
+    if found is None:
+        return []
+    how = ", ".join(f"{method} on {n}" for method, n in found["methods"].items())
+    return [
+        f"Brain extraction of the target's {found['n']} scans as the scanner wrote them (skull, "
+        f"scalp, neck; {how}): mask Dice {found['dice_mean']:.3f} ± {found['dice_sd']:.3f} "
+        f"(lowest {found['dice_min']:.3f}) against each scan's true brain mask."
+    ]
 
 
 def suggestion_finding(methods: Mapping[str, Mapping], runs=()) -> dict | None:

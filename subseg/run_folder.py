@@ -199,6 +199,11 @@ class RunFolder:
         return self.path / "qc"
 
     @property
+    def brain_file(self) -> Path:
+        """What brain extraction did to each scan the run used (``brain_extraction.csv``)."""
+        return self.path / "brain_extraction.csv"
+
+    @property
     def segmentations_dir(self) -> Path:
         """Test segmentations (``<id>_seg.nii.gz``)."""
         return self.path / "segmentations"

