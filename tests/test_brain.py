@@ -132,3 +132,33 @@ def test_settings_are_checked_and_recorded():
     assert contract.with_brain(preset, {"brain": None}) == preset
     with pytest.raises(io.InputError):
         contract.with_brain(preset, {"brain": "robex"})
+
+
+@pytest.mark.slow
+def test_the_icbm_head_and_its_stripped_twin_get_the_same_input_and_prior(tmp_path):
+    """The raw ICBM 2009c head T1 and its skull-stripped twin: the same network input.
+
+    The README's "Your scans" command checks the same pair through predict.py with a trained
+    model; here the two things a model's output depends on are compared directly: the
+    registered atlas prior and the standardised image.
+    """
+    from subseg import atlas, transforms
+
+    head, mask, affine = synth.load_head_template()
+    head_file = io.save_new(head, affine, tmp_path / "icbm_head.nii.gz")
+    stripped_file = io.save_new(np.where(mask, head, 0), affine, tmp_path / "icbm_brain.nii.gz")
+    preprocess = {**contract.default_preset("preprocess"), "cache_dir": str(tmp_path / "c")}
+    atlas_cfg = {**contract.default_preset("atlas"), "cache_dir": str(tmp_path / "c")}
+    source = atlas.load_source(atlas_cfg)
+    standardise = transforms.preprocessing(None, preprocess=preprocess)
+    priors, inputs = [], []
+    for path in (head_file, stripped_file):
+        image = io.load_image(path)
+        priors.append(atlas.subject_prior(image, atlas_cfg, source, preprocess).argmax())
+        inputs.append(standardise({"image": str(path)})["image"][0].numpy())
+    assert brain.brain_mask(head_file, head, affine, preprocess).method == "deepbet"
+    dice = [_dice(priors[0] == c, priors[1] == c) for c in range(1, 15)]
+    assert np.mean(dice) >= 0.95, dice
+    both = (inputs[0] != 0) & (inputs[1] != 0)
+    assert _dice(inputs[0] != 0, inputs[1] != 0) >= 0.95
+    assert np.corrcoef(inputs[0][both], inputs[1][both])[0, 1] > 0.98
