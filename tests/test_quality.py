@@ -72,3 +72,37 @@ def test_scans_are_flagged_against_the_same_structure_on_the_batch():
     assert not any(r["flagged"] for r in quality.scan_table(_rows(pair)))
     pair["b"]["left_thalamus"] = 0.1
     assert [r["flagged"] for r in quality.scan_table(_rows(pair))] == [True, False]
+
+
+def test_a_brain_mask_that_cuts_into_the_prior_flags_the_scan():
+    _, _, prior = _case()
+    whole = np.ones(prior.shape, bool)
+    assert quality.mask_cut_warning(prior, whole) is None
+    cut = whole.copy()
+    cut[:, :, 8:] = False  # the mask stops short of the second structure's expected place
+    warning = quality.mask_cut_warning(prior, cut)
+    assert warning is not None and "cuts into the sub-cortical structures (33%" in warning
+
+
+def _brain_rows(subject, litres, qc=0.8):
+    return [
+        {"subject": subject, "structure": s, "qc": qc, "brain_litres": litres, "extraction": "x"}
+        for s in STRUCTURES
+    ]
+
+
+def test_a_brain_volume_far_from_the_reference_flags_the_scan():
+    rows = _brain_rows("a", 1.50) + _brain_rows("b", 1.62) + _brain_rows("c", 2.40)
+    table = {r["subject"]: r for r in quality.scan_table(rows)}
+    assert not table["a"]["flagged"] and not table["b"]["flagged"]
+    assert table["c"]["flagged"] and "48% larger than the batch median (1.62 L)" in (
+        table["c"]["warnings"]
+    )
+    assert quality.scan_table(rows)[0]["subject"] == "c"  # a warning is listed first
+    # The model's own training scans, when known, are the reference.
+    reference = (2.3, "the model's training scans")
+    table = {r["subject"]: r for r in quality.scan_table(rows, reference)}
+    assert not table["c"]["flagged"] and table["a"]["flagged"]
+    assert "smaller than the model's training scans (2.30 L)" in table["a"]["warnings"]
+    # Two scans have no batch to compare with, and no reference was given: nothing to say.
+    assert not any(r["flagged"] for r in quality.scan_table(_brain_rows("a", 1.0) + _brain_rows("c", 2.4)))
