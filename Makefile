@@ -52,7 +52,7 @@ clean:
 bench: $(STAMP)
 	@status=0; t0=$$(date +%s); \
 	for b in bench/bench_source.py bench/bench_memory.py bench/bench_dense.py \
-	    bench/bench_transfer.py bench/bench_predict.py $(BENCH_EXTRA); do \
+	    bench/bench_transfer.py bench/bench_extraction.py bench/bench_predict.py $(BENCH_EXTRA); do \
 	  start=$$(date +%s); echo "== $$b"; \
 	  $(PY) $$b || { status=1; echo "== $$b FAILED"; }; \
 	  echo "== $$b: $$(( $$(date +%s) - start )) s"; \
