@@ -50,8 +50,12 @@ def base_folder(image_path: str | os.PathLike, cache_dir: str | os.PathLike | No
 
 
 def stem(path: str | os.PathLike) -> str:
-    """A NIfTI file's name without ``.nii`` / ``.nii.gz``."""
-    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+    """A volume file's name without ``.nii`` / ``.nii.gz`` / ``.mgz`` / ``.mgh``."""
+    name = Path(path).name
+    for suffix in io.MGH_SUFFIXES:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name.removesuffix(".gz").removesuffix(".nii")
 
 
 def entry_name(path: str | os.PathLike) -> str:

@@ -1,8 +1,10 @@
 """A cohort is data, not code: its subjects from a ``conf/dataset/*.yaml`` entry, and its splits.
 
 A dataset entry names a root folder, file patterns with an ``{id}`` placeholder (a list of
-patterns when published train and test sets live in different folders), the label protocol, an
-optional published test list, and seeded split fractions. Synthetic cohorts also carry a
+patterns when published train and test sets live in different folders, or the files may be
+``.nii`` or ``.nii.gz``; a ``*`` matches any part of one folder or file name, e.g. a BIDS
+session or ``acq-`` entity), the label protocol, an optional published test list, and seeded
+split fractions. Synthetic cohorts also carry a
 ``synth:`` block and are generated on first use. Splits are drawn once and written to the run
 folder (``splits.json``); a resumed or re-evaluated run reads them back rather than redrawing.
 """
@@ -10,6 +12,7 @@ folder (``splits.json``); a resumed or re-evaluated run reads them back rather t
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -53,20 +56,25 @@ def _patterns(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _hidden(root: Path, path: Path) -> bool:
+    """Whether a file below ``root`` is hidden or in a hidden folder (``._x.nii.gz``, ``.git``)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _discover_ids(root: Path, patterns: Sequence[str]) -> list[str]:
     ids = set()
     for pattern in patterns:
-        # Every occurrence of {id} must hold the same id (IBSR_{id}/IBSR_{id}_ana_strip.nii.gz).
-        first, *rest = (re.escape(part) for part in pattern.split("{id}"))
+        # Every occurrence of {id} must hold the same id (IBSR_{id}/IBSR_{id}_ana_strip.nii.gz);
+        # a * is any part of one name, as in the glob.
+        first, *rest = (re.escape(part).replace(r"\*", "[^/]*") for part in pattern.split("{id}"))
         groups = [r"(?P<id>[^/]+?)" if i == 0 else "(?P=id)" for i in range(len(rest))]
         regex = re.compile(
             first + "".join(g + part for g, part in zip(groups, rest, strict=True)) + "$"
         )
         for path in root.glob(pattern.replace("{id}", "*")):
-            relative = path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in relative.split("/")):
-                continue  # hidden files: macOS "._x.nii.gz", interrupted atomic writes
-            match = regex.match(relative)
+            if _hidden(root, path):
+                continue
+            match = regex.match(path.relative_to(root).as_posix())
             if match:
                 ids.add(match.group("id"))
     return sorted(ids)
@@ -77,8 +85,30 @@ def _expected(root: Path, patterns: Sequence[str], sid: str) -> Path:
 
 
 def _first_existing(root: Path, patterns: Sequence[str], sid: str) -> Path | None:
-    candidates = [root / p.replace("{id}", sid) for p in patterns]
-    return next((c for c in candidates if c.is_file()), None)
+    """The subject's file of the first pattern that has one.
+
+    Raises:
+        io.InputError: a pattern with ``*`` matches several files of the subject (two
+            sessions, two ``acq-`` scans): which one is meant is not for subseg to guess.
+    """
+    for pattern in patterns:
+        if "*" not in pattern:
+            candidate = root / pattern.replace("{id}", sid)
+            if candidate.is_file():
+                return candidate
+            continue
+        filled = pattern.replace("{id}", glob.escape(sid))
+        found = sorted(p for p in root.glob(filled) if p.is_file() and not _hidden(root, p))
+        if len(found) > 1:
+            shown = ", ".join(str(p.relative_to(root)) for p in found[:3])
+            raise io.InputError(
+                f"{root / pattern.replace('{id}', sid)}: {len(found)} files of subject '{sid}' "
+                f"match ({shown}{' …' if len(found) > 3 else ''}); name the one to use in the "
+                "dataset's file pattern (e.g. dataset.session=<label> for a BIDS cohort)"
+            )
+        if found:
+            return found[0]
+    return None
 
 
 def _read_groups(root: Path) -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""NIfTI in and out, with geometry checks and canonical orientation.
+"""NIfTI and FreeSurfer MGH in, NIfTI out, with geometry checks and canonical orientation.
 
-Every volume is reoriented on load to the closest canonical (RAS+) orientation by flips and axis
-permutations only (no resampling), so "axial" means the same anatomical plane for every cohort.
+Scans and labels may be NIfTI (``.nii``, ``.nii.gz``) or MGH (``.mgz``, ``.mgh``: FreeSurfer's
+volumes). Every volume is reoriented on load to the closest canonical (RAS+) orientation by
+flips and axis permutations only (no resampling), so "axial" means the same anatomical plane
+for every cohort.
 Every output is written back on the input's own grid, affine and orientation, through a temporary
 file renamed into place so that an interrupted run never leaves a half-written NIfTI.
 """
@@ -105,7 +107,8 @@ class Volume:
         path: the file it came from.
         original_affine: the affine as stored in the file.
         original_shape: the 3-D shape as stored in the file.
-        header: the file's NIfTI header, reused when writing outputs on the same grid.
+        header: a NIfTI header for outputs on the same grid: the file's own (qform/sform codes,
+            units), or one made from an MGH file's geometry.
     """
 
     data: np.ndarray
@@ -218,22 +221,23 @@ def _check_claim(path: Path, img) -> None:
             f"{path}: header claims shape {shape} of {img.get_data_dtype()} ({claimed} bytes), "
             f"above the limit of {limit} bytes (set {MAX_VOLUME_BYTES_VARIABLE} to raise it)"
         )
-    # Only single-file NIfTI says where its voxels start; other formats are read as they are.
-    if not isinstance(img, nib.Nifti1Image):
+    # Single-file NIfTI and MGH say where their voxels start; other formats are read as they are.
+    if not isinstance(img, nib.Nifti1Image | nib.MGHImage):
         return
     offset = int(img.dataobj.offset)
     name = path.name.lower()
-    if name.endswith(".nii"):
+    if name.endswith((".nii", ".mgh")):
         held = path.stat().st_size
-    elif name.endswith(".nii.gz"):
+    elif name.endswith((".nii.gz", ".mgz")):
         wanted = offset + claimed
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
             trailer = int.from_bytes(f.read(4), "little")  # ISIZE: length mod 2**32
         # A whole single-member file's trailer equals the claim: nothing to decompress. Else
-        # it may be cut short, or hold several members (the trailer tells the last one's
-        # length only): only counting the decompressed bytes decides. Claims of 4 GiB and
-        # more (the limit raised) wrap the trailer and are left to nibabel.
+        # it may be cut short, hold several members (the trailer tells the last one's length
+        # only), or go on after the voxels (an .mgz's footer): only counting the decompressed
+        # bytes decides. Claims of 4 GiB and more (the limit raised) wrap the trailer and are
+        # left to nibabel.
         if wanted >= 1 << 32 or trailer == wanted:
             return
         held = _gzip_size_at_least(path, wanted)
@@ -241,12 +245,24 @@ def _check_claim(path: Path, img) -> None:
         return
     if held < offset + claimed:
         raise InputError(
-            f"{path}: cannot be read as NIfTI (header claims {claimed} bytes of voxels but the "
-            f"file holds {max(held - offset, 0)})"
+            f"{path}: cannot be read as {_format(path)} (header claims {claimed} bytes of voxels "
+            f"but the file holds {max(held - offset, 0)})"
         )
 
 
-def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+MGH_SUFFIXES = (".mgz", ".mgh")
+"""FreeSurfer's volume files, read as scans and labels like NIfTI."""
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", *MGH_SUFFIXES)
+"""The file names a scan or label may have."""
+
+
+def _format(path: Path) -> str:
+    """The format a file's name promises, for messages."""
+    return "MGH" if path.name.lower().endswith(MGH_SUFFIXES) else "NIfTI"
+
+
+def _read(path: Path) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """Read a volume's header, check its claims, then its voxels (see :func:`_check_claim`).
 
     Environment:
@@ -258,12 +274,16 @@ def _read(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     try:
         img = nib.load(path)  # the header only: voxels are read on demand
     except Exception as exc:  # nibabel raises many types; the user needs one line
-        raise InputError(f"{path}: cannot be read as NIfTI ({_first_line(exc)})") from None
+        raise InputError(
+            f"{path}: cannot be read as {_format(path)} ({_first_line(exc)})"
+        ) from None
     _check_claim(path, img)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read as NIfTI ({_first_line(exc)})") from None
+        raise InputError(
+            f"{path}: cannot be read as {_format(path)} ({_first_line(exc)})"
+        ) from None
     if data.dtype.kind not in "biuf" or data.dtype.names is not None:
         raise InputError(f"{path}: voxel type {data.dtype} is not a real scalar (RGB or complex?)")
     if data.ndim == 4 and data.shape[3] == 1:
@@ -285,7 +305,23 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _canonical(data: np.ndarray, img: nib.Nifti1Image, path: Path) -> Volume:
+def _nifti_header(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Header:
+    """The file's NIfTI header, or for another format (MGH) one holding its geometry.
+
+    An MGH file's affine is scanner RAS (FreeSurfer's vox2ras), hence qform and sform code 1;
+    its voxel sizes are in mm.
+    """
+    if isinstance(img.header, nib.Nifti1Header):
+        return img.header.copy()
+    header = nib.Nifti1Header()
+    header.set_data_shape(img.shape)
+    header.set_qform(img.affine, code=1)
+    header.set_sform(img.affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    return header
+
+
+def _canonical(data: np.ndarray, img: nib.spatialimages.SpatialImage, path: Path) -> Volume:
     affine = img.affine
     ornt = _ornt(affine)
     canonical_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
@@ -295,7 +331,7 @@ def _canonical(data: np.ndarray, img: nib.Nifti1Image, path: Path) -> Volume:
         path=path,
         original_affine=affine.copy(),
         original_shape=tuple(int(s) for s in data.shape),
-        header=img.header.copy(),
+        header=_nifti_header(img),
     )
 
 
@@ -303,7 +339,8 @@ def load_image(path: str | os.PathLike) -> Volume:
     """Load a skull-stripped T1 image in canonical orientation as float32.
 
     Args:
-        path: a NIfTI file (``.nii`` or ``.nii.gz``), 3-D or 4-D with one volume.
+        path: a NIfTI (``.nii``, ``.nii.gz``) or MGH (``.mgz``, ``.mgh``) file, 3-D or 4-D
+            with one volume.
 
     Returns:
         The canonical volume.
@@ -341,7 +378,7 @@ def load_label(
     mapping, or an array stored mirrored against its header).
 
     Args:
-        path: a NIfTI label file.
+        path: a NIfTI or MGH label file (FreeSurfer's ``aseg.mgz``).
         image: the subject's image; when given, the label must lie on exactly its grid.
         protocol: when given, the label map must contain at least one of its structure ids.
         warn: log the sanity warnings above (only with ``protocol``).
@@ -411,6 +448,19 @@ def write_csv(rows, columns, path: str | os.PathLike, atomic: bool = True) -> Pa
     return path
 
 
+def write_tsv(rows, columns, path: str | os.PathLike) -> Path:
+    """Write dict rows as a tab-separated table (BIDS' ``.tsv``) atomically.
+
+    Lines end in a bare line feed (BIDS tools expect it, not the csv module's default CRLF).
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` and rename it to ``path`` only on success.
@@ -468,7 +518,8 @@ def save_like(array: np.ndarray, reference: Volume, path: str | os.PathLike, dty
     """Write an array on a reference volume's canonical grid back in the reference's own geometry.
 
     The file gets the reference's original shape, affine, orientation and header (qform/sform
-    codes, units), with the data type of ``array`` (or ``dtype``) and no intensity scaling.
+    codes, units), with the data type of ``array`` (or ``dtype``) and no intensity scaling. It
+    is always a NIfTI file: an MGH reference (``.mgz``) gives a NIfTI with its shape and affine.
 
     Args:
         array: array whose first three axes are the grid of ``reference.data`` (extra trailing

@@ -6,6 +6,10 @@ that folder lists each file subseg wrote there with the sha256 it had when writt
 be replaced or removed only when it is listed *and* still has that content: a file subseg never
 wrote, or one of its outputs that the user has since edited (a corrected segmentation), is
 theirs and is never touched.
+
+Files are listed by their path relative to the folder (``volumes.csv``,
+``sub-01/anat/sub-01_desc-subseg_dseg.nii.gz`` in a BIDS derivative tree); a file outside the
+folder is never subseg's.
 """
 
 from __future__ import annotations
@@ -41,15 +45,24 @@ class OutputManifest:
         """The manifest file."""
         return self.folder / MANIFEST_NAME
 
+    def key(self, path: str | os.PathLike) -> str | None:
+        """How the manifest lists ``path``: relative to the folder, ``None`` if outside it.
+
+        The folders are resolved (symbolic links followed), the file's own name is not: a link
+        named as an output is a file of its own, never the file it points to.
+        """
+        path = Path(path)
+        where = path.parent.resolve() / path.name
+        folder = self.folder.resolve()
+        return where.relative_to(folder).as_posix() if where.is_relative_to(folder) else None
+
     def owns(self, path: str | os.PathLike) -> bool:
         """Whether ``path`` may be replaced or removed: absent, or written by subseg unchanged."""
         path = Path(path)
         if not path.exists():
             return True
-        recorded = self.files.get(path.name)
-        return path.parent.resolve() == self.folder.resolve() and recorded == (
-            cache.file_digest(path) if path.is_file() else None
-        )
+        key = self.key(path)
+        return key is not None and path.is_file() and self.files.get(key) == cache.file_digest(path)
 
     def check_writable(self, paths: Iterable[str | os.PathLike]) -> None:
         """Refuse, before anything is written, when any of ``paths`` is someone else's file.
@@ -60,7 +73,7 @@ class OutputManifest:
         """
         for path in map(Path, paths):
             if not self.owns(path):
-                edited = path.name in self.files
+                edited = self.key(path) in self.files
                 why = "was edited since subseg wrote it" if edited else "was not written by subseg"
                 raise io.InputError(
                     f"{path}: already exists and {why}; it is left as it is: choose another "
@@ -77,14 +90,17 @@ class OutputManifest:
 
     def forget(self, path: str | os.PathLike) -> None:
         """Drop a file from the record (it is gone)."""
-        if self.files.pop(Path(path).name, None) is not None:
+        if self.files.pop(self.key(path), None) is not None:
             self.save()
 
     def claim(self, *paths: str | os.PathLike) -> None:
         """Record files just written by subseg (with their content's digest)."""
         for path in map(Path, paths):
+            key = self.key(path)
+            if key is None:
+                raise ValueError(f"{path}: outside {self.folder}, whose files alone it lists")
             if path.is_file():
-                self.files[path.name] = cache.file_digest(path)
+                self.files[key] = cache.file_digest(path)
         self.save()
 
     def save(self) -> None:

@@ -8,18 +8,23 @@ scan, and each scan's segmentation is the last of its files to be written.
 ``out_dir`` is the user's folder as much as ours: one ``predict.py`` at a time writes it (its
 lock), it may not be or hold a folder of input scans, and only files listed in its manifest
 (:mod:`subseg.output_manifest`) are ever replaced or removed.
+
+Inputs are files (NIfTI or FreeSurfer MGH), folders of them, BIDS datasets (their T1w scans;
+outputs form a BIDS Derivatives dataset, :mod:`subseg.bids`) and FreeSurfer subject folders
+(their ``mri/orig.mgz``, outputs named after the folder).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
 
-from subseg import cache, inference, io, overlay, quality, sides, stripping
+from subseg import bids, cache, inference, io, overlay, quality, sides, stripping
 from subseg import labels as label_protocol
 from subseg.folder_lock import FolderLock
 from subseg.output_manifest import OutputManifest
@@ -38,21 +43,40 @@ def is_output_name(path: Path) -> bool:
     return cache.stem(path).endswith(tuple(f"_{kind}" for kind in OUTPUT_KINDS))
 
 
-def input_images(spec) -> list[Path]:
-    """T1 files named by a file, a folder (every .nii / .nii.gz in it) or a list of either.
+FREESURFER_SCAN = Path("mri", "orig.mgz")
+"""What a FreeSurfer subject folder is recognised by, and the scan of it that is segmented."""
 
-    A folder's ``*_seg`` and ``*_prob`` files, and files its subseg manifest lists, are outputs
-    (subseg's, or labels named like them), not scans: they are left out, and a line says so.
+
+def _items(spec) -> list[Path]:
+    return [Path(i) for i in ([spec] if isinstance(spec, str | Path) else list(spec))]
+
+
+def is_freesurfer_subject(folder: Path) -> bool:
+    """Whether a folder is a FreeSurfer subject's (``<SUBJECTS_DIR>/<subject>/mri/orig.mgz``)."""
+    return (folder / FREESURFER_SCAN).is_file()
+
+
+def input_images(spec) -> list[Path]:
+    """T1 files named by a file, a folder or a list of either.
+
+    A folder is a FreeSurfer subject's (its ``mri/orig.mgz``), a BIDS dataset's root (its
+    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, :func:`subseg.bids.find_t1w`), or else a folder of
+    scans (every .nii, .nii.gz, .mgz and .mgh in it). A folder of scans' ``*_seg`` and
+    ``*_prob`` files, and files its subseg manifest lists, are outputs (subseg's, or labels
+    named like them), not scans: they are left out, and a line says so.
     """
-    items = [spec] if isinstance(spec, str | Path) else list(spec)
     files = []
-    for item in map(Path, items):
-        if item.is_dir():
+    for item in _items(spec):
+        if item.is_dir() and is_freesurfer_subject(item):
+            files.append(item / FREESURFER_SCAN)
+        elif bids.is_dataset(item):
+            files += bids.find_t1w(item)
+        elif item.is_dir():
             ours = set(OutputManifest(item).files)
             candidates = [
                 p
                 for p in item.iterdir()
-                if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+                if p.name.endswith(io.VOLUME_SUFFIXES) and not p.name.startswith(".")
             ]
             found = sorted(p for p in candidates if not is_output_name(p) and p.name not in ours)
             if len(found) < len(candidates):
@@ -62,7 +86,7 @@ def input_images(spec) -> list[Path]:
                     file=sys.stderr,
                 )
             if not found:
-                raise io.InputError(f"{item}: no .nii or .nii.gz scans in this folder")
+                raise io.InputError(f"{item}: no .nii, .nii.gz, .mgz or .mgh scans in this folder")
             files += found
         elif item.is_file():
             files.append(item)
@@ -71,20 +95,88 @@ def input_images(spec) -> list[Path]:
     return files
 
 
-def check_batch(files: list[Path]) -> None:
+@dataclass(frozen=True)
+class ScanOutputs:
+    """Where one scan's outputs go (:func:`scan_outputs`).
+
+    Attributes:
+        name: the scan's name in ``volumes.csv`` and ``qc.csv``.
+        seg: its segmentation.
+        prob: its probabilities (with ``probabilities=true``).
+        qc: its QC figure.
+        volumes: its own volume table (BIDS derivatives only).
+    """
+
+    name: str
+    seg: Path
+    prob: Path
+    qc: Path
+    volumes: Path | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the scan, the segmentation first."""
+        return [p for p in (self.seg, self.prob, self.qc, self.volumes) if p is not None]
+
+
+def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
+    """Name a scan's outputs by how the input named the scan.
+
+    A scan of a BIDS dataset given as input gets BIDS Derivatives names under ``out_dir``
+    (:func:`subseg.bids.derivative_names`); the ``mri/orig.mgz`` of a FreeSurfer subject folder
+    is named after that folder; any other scan after its file name, in ``out_dir`` itself:
+    ``<name>_seg.nii.gz``, ``<name>_prob.nii.gz``, ``<name>_qc.png``.
+
+    Args:
+        spec: the input as given (``cfg.input``).
+        out_dir: the output folder.
+        scan: one of :func:`input_images`'s files.
+    """
+    name = cache.stem(scan)
+    for item in _items(spec):
+        if item.is_dir() and is_freesurfer_subject(item):
+            if scan == item / FREESURFER_SCAN:
+                name = item.resolve().name  # "." names the folder it is
+                break
+        elif scan.is_relative_to(item) and bids.is_dataset(item):
+            named = bids.derivative_names(item, scan, out_dir)
+            return ScanOutputs(named.scan, named.dseg, named.probseg, named.qc, named.volumes)
+    return ScanOutputs(
+        name, *(out_dir / f"{name}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png"))
+    )
+
+
+def bids_roots(spec) -> list[Path]:
+    """The BIDS datasets among the inputs (their outputs form a derivative dataset)."""
+    return [i for i in _items(spec) if not is_freesurfer_subject(i) and bids.is_dataset(i)]
+
+
+def check_batch(files: list[Path], spec=None) -> None:
     """Refuse a batch before any scan is segmented: duplicate output names, unreadable scans.
 
-    Outputs are named by the scan's file name, so two ``T1.nii.gz`` from different folders
-    would overwrite each other; a bad scan found at the end of a long batch would waste it.
+    Outputs are named by the scan's file name (or its FreeSurfer subject folder, or its BIDS
+    name), so two ``T1.nii.gz`` from different folders would overwrite each other; a bad scan
+    found at the end of a long batch would waste it.
+
+    Args:
+        files: the scans.
+        spec: the input as given, to name them as :func:`scan_outputs` does; without it, by
+            their file names.
     """
-    by_name: dict[str, Path] = {}
+    taken: dict[str | Path, Path] = {}
     for path in files:
-        twin = by_name.setdefault(cache.stem(path), path)
-        if twin != path:
-            raise io.InputError(
-                f"{path}: has the same name as {twin}; their outputs would overwrite each other "
-                "(segment them into different out_dir=)"
-            )
+        if spec is None:
+            keys = [cache.stem(path)]
+        else:  # the name in the tables, and the segmentation (BIDS: a desc- entity is replaced)
+            named = scan_outputs(spec, Path(), path)
+            keys = [named.name, named.seg]
+        for key in keys:
+            twin = taken.setdefault(key, path)
+            if twin != path:
+                raise io.InputError(
+                    f"{path}: has the same name as {twin}; their outputs would overwrite each "
+                    "other (segment them into different out_dir=)"
+                )
     for path in track(files, description="checking inputs"):
         io.load_image(path)  # one line naming the file on a bad one
 
@@ -111,12 +203,6 @@ def check_out_dir(out_dir: Path, spec, files: list[Path]) -> None:
             )
 
 
-def _outputs(out_dir: Path, scan: Path) -> list[Path]:
-    """The files a scan's segmentation writes."""
-    subject = cache.stem(scan)
-    return [out_dir / f"{subject}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png")]
-
-
 def segment_scan(
     net, prepare, path: Path, cfg: DictConfig, out_dir: Path, manifest: OutputManifest
 ) -> list[dict]:
@@ -125,7 +211,8 @@ def segment_scan(
     Returns:
         The scan's rows of ``volumes.csv``.
     """
-    subject = cache.stem(path)
+    named = scan_outputs(cfg.input, out_dir, path)
+    subject = named.name
     image = io.load_image(path)
     warnings = []
     unstripped = stripping.skull_warning(image)
@@ -143,15 +230,15 @@ def segment_scan(
         full[..., 0] = 1.0
         full[prior.box] = np.moveaxis(probabilities, 0, -1)
         full[prior.box][~(prior.regions > 0)] = np.eye(label_protocol.NUM_CLASSES)[0]
-        manifest.claim(io.save_like(full, image, out_dir / f"{subject}_prob.nii.gz"))
+        manifest.claim(io.save_like(full, image, named.prob))
     overlay.save_overlay(
         image.data,
         classes,
         image.spacing,
-        out_dir / f"{subject}_qc.png",
+        named.qc,
         title=f"{subject}: subseg segmentation",
     )
-    manifest.claim(out_dir / f"{subject}_qc.png")
+    manifest.claim(named.qc)
     if cfg.raw_ids:  # a type that holds every id of the protocol (40001 stays 40001)
         stored = label_protocol.map_to_raw(classes, cfg.raw_ids)
         stored = stored.astype(label_protocol.raw_dtype(cfg.raw_ids))
@@ -160,7 +247,7 @@ def segment_scan(
     seg = io.save_like(  # the segmentation last: on disk, it comes with everything else
         stored,
         image,
-        out_dir / f"{subject}_seg.nii.gz",
+        named.seg,
     )
     manifest.claim(seg)
     counts = np.bincount(classes.ravel(), minlength=label_protocol.NUM_CLASSES)
@@ -185,7 +272,11 @@ def predict(cfg: DictConfig) -> list[dict]:
     ``<id>_prob.nii.gz``, ``volumes.csv`` (subject, structure, volume_mm3, qc: the label-free
     quality score of :mod:`subseg.quality`), ``qc.csv`` (one row per scan, the likeliest wrong
     first, ``flagged`` as :func:`subseg.quality.scan_table` says) and,
-    when some scans failed, ``failures.csv`` (scan, error).
+    when some scans failed, ``failures.csv`` (scan, error). The scans of a BIDS dataset get
+    BIDS Derivatives names instead (``sub-X/[ses-Y/]anat/…_desc-subseg_dseg.nii.gz``, its
+    ``_volumes.tsv``, ``_probseg``; ``sub-X/figures/…png``) and ``out_dir`` gets
+    ``dataset_description.json`` and ``dseg.tsv`` (:mod:`subseg.bids`); a FreeSurfer subject
+    folder's scan is named after the folder.
 
     Returns:
         The rows of ``volumes.csv``.
@@ -201,9 +292,35 @@ def predict(cfg: DictConfig) -> list[dict]:
         label_protocol.raw_dtype(cfg.raw_ids)  # ids no label file can hold: refused now
     files = input_images(cfg.input)
     check_out_dir(out_dir, cfg.input, files)
-    check_batch(files)
+    check_batch(files, cfg.input)
     with FolderLock(out_dir, "out_dir"):  # one predict.py at a time writes here
         return _predict_batch(cfg, out_dir, net, contract, files)
+
+
+def _check_lookup(out_dir: Path, manifest: OutputManifest, raw_ids, batch: set[Path]) -> None:
+    """Refuse to give ``dseg.tsv`` other ids while segmentations holding the old ones stay.
+
+    Those (earlier scans, not in this batch) would be misnamed by the new table.
+
+    Raises:
+        io.InputError: one line naming the table and a segmentation that would be misnamed.
+    """
+    lookup = out_dir / bids.LOOKUP
+    if not lookup.is_file() or bids.same_lookup(lookup, raw_ids):
+        return
+    others = sorted(
+        key
+        for key in manifest.files
+        if key.endswith(f"_{bids.DSEG}")
+        and (out_dir / key).is_file()
+        and out_dir / key not in batch
+    )
+    if others:
+        raise io.InputError(
+            f"{lookup}: lists other label ids than this batch writes (raw_ids="
+            f"{raw_ids or 'null'}), and {len(others)} segmentation(s) here hold them (first: "
+            f"{others[0]}); segment into another out_dir="
+        )
 
 
 def _flag_reason(row: dict) -> str:
@@ -217,21 +334,34 @@ def _predict_batch(cfg: DictConfig, out_dir: Path, net, contract, files: list[Pa
     """Segment a checked batch into ``out_dir`` (its lock held): see :func:`predict`."""
     manifest = OutputManifest(out_dir)
     tables = [out_dir / name for name in ("volumes.csv", "qc.csv", "failures.csv")]
-    outputs = [*tables, *(p for f in files for p in _outputs(out_dir, f))]
-    manifest.check_writable(outputs)  # a file subseg did not write: refused, nothing touched
+    named = {f: scan_outputs(cfg.input, out_dir, f) for f in files}
+    outputs = [*tables, *(p for n in named.values() for p in n.files)]
+    roots = bids_roots(cfg.input)
+    derivative = [out_dir / bids.DESCRIPTION, out_dir / bids.LOOKUP] if roots else []
+    # A file subseg did not write: refused, nothing touched.
+    manifest.check_writable([*outputs, *derivative])
+    if roots:
+        _check_lookup(out_dir, manifest, cfg.raw_ids, {n.seg for n in named.values()})
     for stale in outputs[1:]:
         manifest.remove(stale)  # an earlier batch's outputs of these scans (ours only)
+    if roots:  # a valid derivative dataset from the first scan on
+        description = bids.write_description(out_dir, roots)
+        manifest.claim(description, bids.write_lookup(out_dir, cfg.raw_ids))
     print(f"subseg: input: {contract.describe()}")
     prepare = contract.pipeline()  # exactly the model's own: N4, standardisation, atlas
     rows, failures, table = [], [], []
     for path in track(files, description="segmenting"):
         try:
-            rows += segment_scan(net, prepare, path, cfg, out_dir, manifest)
+            scan_rows = segment_scan(net, prepare, path, cfg, out_dir, manifest)
+            if named[path].volumes is not None:  # BIDS: the scan's own table beside its dseg
+                table_file = bids.write_volumes(named[path].volumes, scan_rows, cfg.raw_ids)
+                manifest.claim(table_file)
+            rows += scan_rows
         except Exception as exc:  # one bad scan must not cost the rest of the batch
             if io.find_output_error(exc) is not None:  # a full disk fails every scan: stop
                 raise
             reason = io.find_input_error(exc) or f"{type(exc).__name__}: {exc}".splitlines()[0]
-            for partial in _outputs(out_dir, path):
+            for partial in named[path].files:
                 manifest.remove(partial)
             failures.append({"scan": str(path), "error": str(reason)})
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)

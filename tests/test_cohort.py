@@ -230,3 +230,18 @@ def test_target_images_named_by_id_and_the_labelled_rest_tested():
         cohort.draw_target(ids, 1, test_ids=["t00"], chosen=["t00"])
     with pytest.raises(io.InputError, match="names 2 scans but target.n_images=1"):
         cohort.draw_target(ids, 1, chosen=["t01", "t02"])
+
+
+def test_a_star_in_a_pattern_is_any_part_of_one_name_and_two_matches_are_refused(tmp_path):
+    root = tmp_path / "cohort"
+    for relative in ("a01/visit-1/scan.nii.gz", "b02/visit-3/scan.nii.gz"):
+        write_nifti(root / relative, np.ones((2, 2, 2)))
+    dataset = {"name": "visits", "root": str(root), "image": "{id}/visit-*/scan.nii.gz"}
+    subjects = cohort.list_subjects(dataset)
+    assert [(s.id, s.image.relative_to(root).as_posix()) for s in subjects] == [
+        ("a01", "a01/visit-1/scan.nii.gz"),
+        ("b02", "b02/visit-3/scan.nii.gz"),
+    ]
+    write_nifti(root / "a01" / "visit-2" / "scan.nii.gz", np.ones((2, 2, 2)))
+    with pytest.raises(io.InputError, match=r"2 files of subject 'a01' match \(a01/visit-1/"):
+        cohort.list_subjects(dataset)

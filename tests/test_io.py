@@ -179,3 +179,9 @@ def test_outputs_follow_the_umask_and_drop_the_t1_window(tmp_path):
     back = nib.load(out)
     assert back.get_data_dtype() == np.int32
     assert back.header["cal_min"] == 0 and back.header["cal_max"] == 0
+
+
+def test_tsv_tables_are_tab_separated_with_bare_line_feeds(tmp_path):
+    path = io.write_tsv([{"index": 0, "name": "background"}], ["index", "name"], tmp_path / "t.tsv")
+    assert path.read_bytes() == b"index\tname\n0\tbackground\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.tsv"]  # no temporary file left
