@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
 
-from subseg import bids, cache, inference, io, overlay, quality, sides, stripping
+from subseg import bids, brain, cache, inference, io, overlay, quality, sides
 from subseg import labels as label_protocol
 from subseg.folder_lock import FolderLock
 from subseg.output_manifest import OutputManifest
@@ -204,23 +204,41 @@ def check_out_dir(out_dir: Path, spec, files: list[Path]) -> None:
 
 
 def segment_scan(
-    net, prepare, path: Path, cfg: DictConfig, out_dir: Path, manifest: OutputManifest
+    net,
+    prepare,
+    path: Path,
+    cfg: DictConfig,
+    out_dir: Path,
+    manifest: OutputManifest,
+    preprocess: dict | None = None,
 ) -> list[dict]:
     """Segment one scan and write its outputs, each recorded in ``manifest``.
 
+    Args:
+        net: the network.
+        prepare: the model's input pipeline (:meth:`subseg.contract.InputContract.pipeline`).
+        path: the scan.
+        cfg: the predict config.
+        out_dir: the output folder.
+        manifest: its output manifest.
+        preprocess: the model's ``preprocess`` entry (``prepare`` extracted the brain with it).
+
     Returns:
-        The scan's rows of ``volumes.csv``.
+        The scan's rows of ``volumes.csv``, with its ``warnings``, ``extraction`` (how its brain
+        was found) and ``brain_litres``.
     """
     named = scan_outputs(cfg.input, out_dir, path)
     subject = named.name
     image = io.load_image(path)
     warnings = []
-    unstripped = stripping.skull_warning(image)
-    if unstripped is not None:
-        sides.warn_once(path, unstripped)
-        warnings.append(unstripped)
     item = prepare({"image": str(path)})
     volume, prior = item["image"][0].numpy(), item["prior"]
+    # What the pipeline just did to the scan (the mask comes from the cache it filled).
+    extracted = brain.brain_mask(path, image.data, image.affine, preprocess)
+    cut = quality.mask_cut_warning(prior, extracted.mask)
+    if cut is not None:
+        sides.warn_once(path, cut)
+        warnings.append(cut)
     classes, probabilities = inference.segment(net, volume, prior, bool(cfg.postprocessing))
     swapped = sides.warn_sides(classes, image.affine, path)  # the paper's No-TL runs swapped sides
     if swapped is not None:
@@ -236,7 +254,8 @@ def segment_scan(
         classes,
         image.spacing,
         named.qc,
-        title=f"{subject}: subseg segmentation",
+        title=f"{subject}: subseg segmentation (yellow: brain mask, {extracted.describe()})",
+        outline=extracted.mask,
     )
     manifest.claim(named.qc)
     if cfg.raw_ids:  # a type that holds every id of the protocol (40001 stays 40001)
@@ -259,6 +278,8 @@ def segment_scan(
             "volume_mm3": float(counts[c] * image.voxel_volume_mm3),
             "qc": score["qc"],
             "warnings": "; ".join(warnings),
+            "extraction": extracted.method,
+            "brain_litres": round(extracted.litres, 4),
         }
         for (c, name), score in zip(enumerate(label_protocol.STRUCTURES, 1), scores, strict=True)
     ]
@@ -286,7 +307,7 @@ def predict(cfg: DictConfig) -> list[dict]:
             failed while being segmented (the others are written).
     """
     out_dir = Path(cfg.out_dir)
-    checkpoint, contract, _ = model_of(cfg)
+    checkpoint, contract, run = model_of(cfg)
     net = load_network(checkpoint)
     if cfg.raw_ids:
         label_protocol.raw_dtype(cfg.raw_ids)  # ids no label file can hold: refused now
@@ -294,7 +315,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     check_out_dir(out_dir, cfg.input, files)
     check_batch(files, cfg.input)
     with FolderLock(out_dir, "out_dir"):  # one predict.py at a time writes here
-        return _predict_batch(cfg, out_dir, net, contract, files)
+        return _predict_batch(cfg, out_dir, net, contract, files, brain_reference(run))
 
 
 def _check_lookup(out_dir: Path, manifest: OutputManifest, raw_ids, batch: set[Path]) -> None:
@@ -330,7 +351,30 @@ def _flag_reason(row: dict) -> str:
     return f"{row['subject']} ({row['worst_structure']} {row['worst_qc']:.2f})"
 
 
-def _predict_batch(cfg: DictConfig, out_dir: Path, net, contract, files: list[Path]) -> list:
+def brain_reference(run) -> tuple[float, str] | None:
+    """The median brain volume of the scans a model's run used, to compare new scans with.
+
+    Args:
+        run: the model's run folder (:class:`subseg.run_folder.RunFolder`), or ``None``.
+
+    Returns:
+        (litres, what they are), or ``None`` for a bare checkpoint or a run that predates brain
+        extraction (the batch median is used then).
+    """
+    volumes = run.brain_volumes() if run is not None else []
+    if not volumes:
+        return None
+    return float(np.median(volumes)), f"the {len(volumes)} scans the model was made with"
+
+
+def _predict_batch(
+    cfg: DictConfig,
+    out_dir: Path,
+    net,
+    contract,
+    files: list[Path],
+    reference: tuple[float, str] | None = None,
+) -> list:
     """Segment a checked batch into ``out_dir`` (its lock held): see :func:`predict`."""
     manifest = OutputManifest(out_dir)
     tables = [out_dir / name for name in ("volumes.csv", "qc.csv", "failures.csv")]
@@ -352,7 +396,9 @@ def _predict_batch(cfg: DictConfig, out_dir: Path, net, contract, files: list[Pa
     rows, failures, table = [], [], []
     for path in track(files, description="segmenting"):
         try:
-            scan_rows = segment_scan(net, prepare, path, cfg, out_dir, manifest)
+            scan_rows = segment_scan(
+                net, prepare, path, cfg, out_dir, manifest, contract.preprocess
+            )
             if named[path].volumes is not None:  # BIDS: the scan's own table beside its dseg
                 table_file = bids.write_volumes(named[path].volumes, scan_rows, cfg.raw_ids)
                 manifest.claim(table_file)
@@ -367,7 +413,7 @@ def _predict_batch(cfg: DictConfig, out_dir: Path, net, contract, files: list[Pa
             print(f"subseg: skipped {path}: {reason}", file=sys.stderr)
         volumes = [{k: r[k] for k in VOLUME_COLUMNS} for r in rows]
         manifest.claim(io.write_csv(volumes, VOLUME_COLUMNS, out_dir / "volumes.csv"))
-        table = quality.scan_table(rows)  # relative to the batch: redone as the batch grows
+        table = quality.scan_table(rows, reference)  # relative to the batch: redone as it grows
         manifest.claim(io.write_csv(table, quality.SCAN_COLUMNS, out_dir / "qc.csv"))
     done = len(files) - len(failures)
     print(f"subseg: {done} of {len(files)} scans segmented; volumes in {out_dir / 'volumes.csv'}")

@@ -36,6 +36,7 @@ their own, and one process at a time writes a folder (its lock).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -301,6 +302,16 @@ class RunFolder:
         if not self.splits_file.is_file():
             raise io.InputError(f"{self.path}: no splits.json (not a subseg run folder)")
         return json.loads(self.splits_file.read_text())[name]
+
+    def brain_volumes(self) -> list[float]:
+        """The brain mask volume (litres) of each scan the run used (``brain_extraction.csv``).
+
+        Empty for a run made before subseg extracted brains.
+        """
+        if not self.brain_file.is_file():
+            return []
+        with open(self.brain_file, newline="") as f:
+            return [float(row["brain_litres"]) for row in csv.DictReader(f)]
 
     def contract(self) -> InputContract:
         """The recorded input contract, the atlas located inside this folder when it is saved.
