@@ -229,12 +229,12 @@ def _predict(out_dir, checkpoint, spec, *more):
 
 @pytest.mark.slow
 def test_a_bids_dataset_gives_a_bids_derivatives_dataset(tiny_cohorts, checkpoint, tmp_path):
-    images = tiny_cohorts["target"] / "images"
+    images = tiny_cohorts["source"] / "images"  # skull-stripped: no extraction to wait for
     root = _bids_dataset(
         tmp_path / "ds",
         {
-            "sub-01/anat/sub-01_T1w.nii.gz": images / "t000.nii.gz",
-            "sub-02/ses-1/anat/sub-02_ses-1_acq-fast_T1w.nii": images / "t001.nii.gz",
+            "sub-01/anat/sub-01_T1w.nii.gz": images / "s000.nii.gz",
+            "sub-02/ses-1/anat/sub-02_ses-1_acq-fast_T1w.nii": images / "s001.nii.gz",
         },
     )
     out = root / "derivatives" / "subseg"  # where BIDS keeps derivatives: inside the dataset
@@ -317,7 +317,7 @@ def test_a_bids_dataset_gives_a_bids_derivatives_dataset(tiny_cohorts, checkpoin
     # dseg.tsv is never rewritten with other ids while segmentations holding the old ones stay.
     dseg.unlink()
     other = _bids_dataset(
-        tmp_path / "other", {"sub-01/anat/sub-01_T1w.nii.gz": images / "t000.nii.gz"}
+        tmp_path / "other", {"sub-01/anat/sub-01_T1w.nii.gz": images / "s000.nii.gz"}
     )
     before = (out / "dseg.tsv").read_bytes()
     refused = (
@@ -348,13 +348,23 @@ def test_someone_elses_file_in_the_derivative_tree_is_never_replaced(
 # --- FreeSurfer --------------------------------------------------------------------------------
 
 
-def _subjects_dir(folder, cohort_root, ids):
-    """FreeSurfer subjects made of a cohort's scans: <id>/mri/orig.mgz and aseg.mgz."""
+def _subjects_dir(folder, tiny_cohorts, ids):
+    """FreeSurfer subjects made of the tiny source cohort's (skull-stripped) scans and labels:
+    <id>/mri/orig.mgz and aseg.mgz, stored LIA as recon-all stores them, with aseg ids."""
+    from nibabel import orientations
+
+    source = tiny_cohorts["source"]
     for sid in ids:
         (folder / sid / "mri").mkdir(parents=True)
         for name, kind in (("orig", "images"), ("aseg", "labels")):
-            img = nib.load(cohort_root / kind / f"{sid}.nii.gz")
+            img = nib.load(source / kind / f"{sid}.nii.gz")
+            to_lia = orientations.ornt_transform(
+                orientations.io_orientation(img.affine), orientations.axcodes2ornt("LIA")
+            )
+            img = img.as_reoriented(to_lia)
             data = np.asarray(img.dataobj)
+            if kind == "labels":  # the source's Neuromorphometrics ids as FreeSurfer's
+                data = labels.map_to_raw(labels.map_to_classes(data, "miccai2012"), "aseg")
             data = data.astype(np.float32 if kind == "images" else np.int32)
             nib.save(nib.MGHImage(data, img.affine), folder / sid / "mri" / f"{name}.mgz")
     return folder
@@ -363,21 +373,21 @@ def _subjects_dir(folder, cohort_root, ids):
 def test_a_freesurfer_subject_folder_is_segmented_and_named_after_it(
     tiny_cohorts, checkpoint, tmp_path
 ):
-    subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts["target"], ["t000", "t001"])
+    subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s000", "s001"])
     out = tmp_path / "out"
-    spec = f"[{subjects / 't000'},{subjects / 't001'}]"  # two orig.mgz, two names
+    spec = f"[{subjects / 's000'},{subjects / 's001'}]"  # two orig.mgz, two names
     rows = prediction.predict(_predict(out, checkpoint, spec))
-    assert {r["subject"] for r in rows} == {"t000", "t001"}
-    for sid in ("t000", "t001"):
+    assert {r["subject"] for r in rows} == {"s000", "s001"}
+    for sid in ("s000", "s001"):
         orig = nib.load(subjects / sid / "mri" / "orig.mgz")
         seg = nib.load(out / f"{sid}_seg.nii.gz")
         assert seg.shape == orig.shape and nib.aff2axcodes(seg.affine) == ("L", "I", "A")
         np.testing.assert_array_equal(seg.affine, orig.affine)
         assert (out / f"{sid}_qc.png").is_file()
     # The same subject name from two SUBJECTS_DIRs: their outputs would overwrite each other.
-    twin = _subjects_dir(tmp_path / "elsewhere", tiny_cohorts["target"], ["t000"])
-    with pytest.raises(io.InputError, match=r"orig.mgz: has the same name as .*t000/mri/orig.mgz"):
-        prediction.predict(_predict(out, checkpoint, f"[{subjects / 't000'},{twin / 't000'}]"))
+    twin = _subjects_dir(tmp_path / "elsewhere", tiny_cohorts, ["s000"])
+    with pytest.raises(io.InputError, match=r"orig.mgz: has the same name as .*s000/mri/orig.mgz"):
+        prediction.predict(_predict(out, checkpoint, f"[{subjects / 's000'},{twin / 's000'}]"))
 
 
 def _dataset(name, *overrides):
@@ -388,12 +398,12 @@ def _dataset(name, *overrides):
 
 def test_freesurfer_and_bids_cohorts_are_listed(tiny_cohorts, tmp_path):
     target = tiny_cohorts["target"]
-    subjects = _subjects_dir(tmp_path / "subjects", target, ["t000", "t001"])
+    subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s000", "s001"])
     (subjects / "fsaverage" / "surf").mkdir(parents=True)  # no mri/orig.mgz: not a subject
     listed = cohort.list_subjects(_dataset("freesurfer", f"dataset.root={subjects}"))
     assert [(s.id, s.image.name, s.label.name) for s in listed] == [
-        ("t000", "orig.mgz", "aseg.mgz"),
-        ("t001", "orig.mgz", "aseg.mgz"),
+        ("s000", "orig.mgz", "aseg.mgz"),
+        ("s001", "orig.mgz", "aseg.mgz"),
     ]
 
     root = _bids_dataset(
@@ -439,8 +449,8 @@ def test_freesurfer_and_bids_cohorts_are_listed(tiny_cohorts, tmp_path):
 def test_a_freesurfer_subjects_dir_fine_tunes(tiny_cohorts, checkpoint, tmp_path):
     from subseg import finetuning
 
-    target = tiny_cohorts["target"]
-    subjects = _subjects_dir(tmp_path / "subjects", target, ["t000", "t001", "t002"])
+    source = tiny_cohorts["source"]
+    subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s000", "s001", "s002"])
     overrides = [
         "dataset=freesurfer",
         f"dataset.root={subjects}",
@@ -463,18 +473,18 @@ def test_a_freesurfer_subjects_dir_fine_tunes(tiny_cohorts, checkpoint, tmp_path
     splits = json.loads((run / "splits.json").read_text())
     assert summary["method"] == "tl1" and summary["n_subjects"] == 2
     assert len(splits["train"]) == 1 and sorted(splits["train"] + splits["test"]) == [
-        "t000",
-        "t001",
-        "t002",
+        "s000",
+        "s001",
+        "s002",
     ]
     # The reference volumes come from aseg.mgz read with aseg ids, on orig.mgz's grid: those of
-    # the cohort's own NIfTI labels.
+    # the cohort's own NIfTI labels (Neuromorphometrics ids).
     with open(run / "metrics.csv", newline="") as f:
         scored = list(csv.DictReader(f))
     assert {r["subject"] for r in scored} == set(splits["test"])
     for row in scored:
-        img = nib.load(target / "labels" / f"{row['subject']}.nii.gz")
-        classes = labels.map_to_classes(np.asarray(img.dataobj), "aseg")
+        img = nib.load(source / "labels" / f"{row['subject']}.nii.gz")
+        classes = labels.map_to_classes(np.asarray(img.dataobj), "miccai2012")
         voxel = abs(np.linalg.det(img.affine[:3, :3]))
         expected = np.count_nonzero(classes == labels.class_of(row["structure"])) * voxel
         assert float(row["vol_ref_mm3"]) == pytest.approx(expected, rel=1e-5)
