@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import logging
 import os
 import sys
 import tempfile
@@ -27,6 +28,10 @@ from nibabel import orientations
 
 from subseg import labels as label_protocol
 from subseg import sides
+
+# nibabel repairs a header with qfac 0 (the ICBM 2009c files have it) with an INFO line on every
+# load; Hydra's console logging shows INFO, so each scan would print it several times.
+logging.getLogger("nibabel.global").setLevel(logging.WARNING)
 
 
 class InputError(ValueError):

@@ -213,7 +213,7 @@ def suggest(cfg) -> list[dict]:
     """
     from omegaconf import OmegaConf
 
-    from subseg import cache, prediction
+    from subseg import prediction
     from subseg.trained_model import load_network, model_of
 
     if not cfg.get("source_run"):
@@ -224,12 +224,13 @@ def suggest(cfg) -> list[dict]:
     checkpoint, contract, _ = model_of(named)
     net = load_network(checkpoint)
     files = prediction.input_images(cfg.input)
-    prediction.check_batch(files)
+    prediction.check_batch(files, cfg.input)
     n = cfg.n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(files):
         raise io.InputError(f"n={n}: give how many scans you will label, 1 to {len(files)}")
     print(f"subseg: input: {contract.describe()}")
-    features = features_of(net, contract, {cache.stem(p): p for p in files})
+    names = {prediction.scan_outputs(cfg.input, Path(), p).name: p for p in files}
+    features = features_of(net, contract, names)  # named as predict.py names them
     ids, d = distances(features)
     rows = coverage_ranking(ids, d)
     path = write(rows, ids, d, n, cfg.out_dir)
