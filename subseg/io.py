@@ -401,7 +401,8 @@ def load_label(
     if not np.all(np.isfinite(data)) or np.abs(data - rounded).max(initial=0) > 1e-3:
         raise InputError(f"{path}: label values must be finite integers")
     limit = np.iinfo(np.int32)
-    if rounded.size and (rounded.min() < limit.min or rounded.max() > limit.max):
+    # Python ints: a uint8 map compared with int32 limits would overflow in numpy.
+    if rounded.size and (int(rounded.min()) < limit.min or int(rounded.max()) > limit.max):
         raise InputError(f"{path}: label values outside the 32-bit integer range")
     data = rounded.astype(np.int32)
     if image is not None:
