@@ -473,7 +473,7 @@ def register_prior(
         if not union.any():
             raise io.InputError(
                 f"{image.path}: the registered atlas prior is empty (registration "
-                f"failed: is this a skull-stripped T1 brain?)"
+                f"failed: is this a T1 of a brain? its brain mask is outlined in the QC figure)"
             )
         crop = _bounding_box(union, margin=roi_distance + 1)
         target = antspy.image(ants, image.data[crop], _box_affine(image.affine, crop))
@@ -494,7 +494,7 @@ def _prior_from_structures(structures, image: io.Volume, roi_distance, mask_dist
     if not support.any():
         raise io.InputError(
             f"{image.path}: the registered atlas prior is empty (registration "
-            f"failed: is this a skull-stripped T1 brain?)"
+            f"failed: is this a T1 of a brain? its brain mask is outlined in the QC figure)"
         )
     regions = _regions(support, roi_distance, mask_distance)
     box = _bounding_box(regions > 0)

@@ -361,7 +361,7 @@ def load_image(path: str | os.PathLike) -> Volume:
         raise InputError(f"{path}: {bad} voxels are NaN or infinite")
     brain = data[data != 0]
     if brain.size == 0:
-        raise InputError(f"{path}: empty brain (every voxel is zero); expected a skull-stripped T1")
+        raise InputError(f"{path}: empty brain (every voxel is zero); expected a T1")
     if brain.min() == brain.max():
         raise InputError(f"{path}: empty brain (every non-zero voxel has the same intensity)")
     return _canonical(data, img, path)

@@ -564,9 +564,7 @@ def ensure_cohort(
         tmp.write_text(json.dumps({**manifest, "complete": False}, indent=2))
 
     groups = {}
-    todo = [
-        i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid, params)
-    ]
+    todo = [i for i, sid in enumerate(params.subject_ids()) if not _subject_done(root, sid, params)]
     from subseg import job_threads
 
     workers = max(1, min(len(todo), workers or job_threads.share()))

@@ -95,8 +95,9 @@ def test_a_brain_volume_far_from_the_reference_flags_the_scan():
     rows = _brain_rows("a", 1.50) + _brain_rows("b", 1.62) + _brain_rows("c", 2.40)
     table = {r["subject"]: r for r in quality.scan_table(rows)}
     assert not table["a"]["flagged"] and not table["b"]["flagged"]
-    assert table["c"]["flagged"] and "48% larger than the batch median (1.62 L)" in (
-        table["c"]["warnings"]
+    assert (
+        table["c"]["flagged"]
+        and "48% larger than the batch median (1.62 L)" in (table["c"]["warnings"])
     )
     assert quality.scan_table(rows)[0]["subject"] == "c"  # a warning is listed first
     # The model's own training scans, when known, are the reference.
@@ -105,4 +106,6 @@ def test_a_brain_volume_far_from_the_reference_flags_the_scan():
     assert not table["c"]["flagged"] and table["a"]["flagged"]
     assert "smaller than the model's training scans (2.30 L)" in table["a"]["warnings"]
     # Two scans have no batch to compare with, and no reference was given: nothing to say.
-    assert not any(r["flagged"] for r in quality.scan_table(_brain_rows("a", 1.0) + _brain_rows("c", 2.4)))
+    assert not any(
+        r["flagged"] for r in quality.scan_table(_brain_rows("a", 1.0) + _brain_rows("c", 2.4))
+    )
