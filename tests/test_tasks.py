@@ -18,7 +18,9 @@ def _run(script, *overrides, cwd):
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=600,
+        # Generous: only a hang should fail it. The quick demo takes about 4 min on an idle
+        # 2-core machine and more than 10 on a loaded one (600 s failed under load).
+        timeout=3600,
     )
 
 
