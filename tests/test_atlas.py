@@ -193,6 +193,9 @@ def test_cache_is_reused_and_a_damaged_file_is_rebuilt(ho_run, monkeypatch):
 @pytest.mark.slow
 def test_every_atlas_kind_through_one_interface(ho_run, tiny_cohorts, tmp_path):
     image, truth = _subject(tiny_cohorts["target"], "t000", "aseg")
+    # The target scans are raw heads: this test is about the atlases, so strip it with its truth.
+    mask = io.load_label(tiny_cohorts["target"] / "masks" / "t000.nii.gz", image=image).data > 0
+    image = dataclasses.replace(image, data=np.where(mask, image.data, 0).astype(np.float32))
     training = cohort.list_subjects(
         {
             "name": "tiny",
@@ -269,8 +272,10 @@ def test_priors_registered_in_parallel_land_in_the_cache(tiny_cohorts, tmp_path,
     source = atlas.load_source(cfg)
     root = tiny_cohorts["target"]
     paths = [root / "images" / f"t00{i}.nii.gz" for i in range(2)]
-    assert atlas.ensure_priors(paths, cfg, source, workers=2, progress=False) == 2
-    assert atlas.ensure_priors(paths, cfg, source, workers=2, progress=False) == 0
+    # Raw heads: brain extraction (no N4) before registration, in the workers as here.
+    preprocess = {"kind": "none", "cache_dir": str(tmp_path / "cache")}
+    assert atlas.ensure_priors(paths, cfg, source, 2, False, preprocess) == 2
+    assert atlas.ensure_priors(paths, cfg, source, 2, False, preprocess) == 0
 
     def no_registration(*args, **kwargs):
         raise AssertionError("the prior should come from the cache")
@@ -278,6 +283,6 @@ def test_priors_registered_in_parallel_land_in_the_cache(tiny_cohorts, tmp_path,
     monkeypatch.setattr(atlas, "register_prior", no_registration)
     for index in range(len(paths)):
         image, truth = _subject(root, f"t00{index}", "aseg")
-        prior = atlas.subject_prior(image, cfg, source)
+        prior = atlas.subject_prior(image, cfg, source, preprocess)
         dice = [_dice(prior.argmax() == c, truth == c) for c in range(1, labels.NUM_CLASSES)]
         assert np.mean(dice) >= 0.5, dice

@@ -111,12 +111,12 @@ def test_a_scan_that_fails_is_skipped_and_the_batch_finishes(
     folder = tiny_cohorts["source"] / "images"
     segment = prediction.segment_scan
 
-    def fails_on_s001(net, prepare, path, cfg, out_dir, manifest):
+    def fails_on_s001(net, prepare, path, cfg, out_dir, manifest, *rest):
         if path.name == "s001.nii.gz":  # fails after writing part of its outputs
             (out_dir / "s001_seg.nii.gz").write_bytes(b"partial")
             manifest.claim(out_dir / "s001_seg.nii.gz")
             raise RuntimeError("registration diverged\nlong library detail")
-        return segment(net, prepare, path, cfg, out_dir, manifest)
+        return segment(net, prepare, path, cfg, out_dir, manifest, *rest)
 
     monkeypatch.setattr(prediction, "segment_scan", fails_on_s001)
     out = tmp_path / "pred"
