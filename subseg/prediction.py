@@ -56,12 +56,36 @@ def is_freesurfer_subject(folder: Path) -> bool:
     return (folder / FREESURFER_SCAN).is_file()
 
 
+def freesurfer_subjects(folder: Path) -> list[Path]:
+    """The FreeSurfer subject folders in a ``SUBJECTS_DIR``, sorted.
+
+    ``fsaverage*`` (FreeSurfer's template subjects, linked into every ``SUBJECTS_DIR`` by
+    ``recon-all``) and hidden folders are not subjects.
+    """
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith((".", "fsaverage")) and is_freesurfer_subject(p)
+    )
+
+
+def _subject_of(folder: Path, scan: Path) -> str | None:
+    """The subject folder's name when ``scan`` is a subject's in ``folder`` (a SUBJECTS_DIR)."""
+    subject = scan.parent.parent
+    if subject.parent == folder and scan == subject / FREESURFER_SCAN:
+        return subject.name
+    return None
+
+
 def input_images(spec) -> list[Path]:
     """T1 files named by a file, a folder or a list of either.
 
     A folder is a FreeSurfer subject's (its ``mri/orig.mgz``), a BIDS dataset's root (its
-    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, :func:`subseg.bids.find_t1w`), or else a folder of
-    scans (every .nii, .nii.gz, .mgz and .mgh in it). A folder of scans' ``*_seg`` and
+    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, :func:`subseg.bids.find_t1w`), a folder of scans
+    (every .nii, .nii.gz, .mgz and .mgh in it), or else a FreeSurfer ``SUBJECTS_DIR`` (the
+    ``mri/orig.mgz`` of each subject folder in it). A folder of scans' ``*_seg`` and
     ``*_prob`` files, and files its subseg manifest lists, are outputs (subseg's, or labels
     named like them), not scans: they are left out, and a line says so.
     """
@@ -85,8 +109,14 @@ def input_images(spec) -> list[Path]:
                     "(*_seg, *_prob) or written by subseg are not taken as scans",
                     file=sys.stderr,
                 )
+            if not candidates and freesurfer_subjects(item):
+                files += [subject / FREESURFER_SCAN for subject in freesurfer_subjects(item)]
+                continue
             if not found:
-                raise io.InputError(f"{item}: no .nii, .nii.gz, .mgz or .mgh scans in this folder")
+                raise io.InputError(
+                    f"{item}: no .nii, .nii.gz, .mgz or .mgh scans in this folder (nor FreeSurfer "
+                    "subject folders with mri/orig.mgz, nor a BIDS dataset)"
+                )
             files += found
         elif item.is_file():
             files.append(item)
@@ -141,6 +171,9 @@ def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
         elif scan.is_relative_to(item) and bids.is_dataset(item):
             named = bids.derivative_names(item, scan, out_dir)
             return ScanOutputs(named.scan, named.dseg, named.probseg, named.qc, named.volumes)
+        elif item.is_dir() and _subject_of(item, scan):
+            name = _subject_of(item, scan)
+            break
     return ScanOutputs(
         name, *(out_dir / f"{name}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png"))
     )

@@ -390,6 +390,21 @@ def test_a_freesurfer_subject_folder_is_segmented_and_named_after_it(
         prediction.predict(_predict(out, checkpoint, f"[{subjects / 's000'},{twin / 's000'}]"))
 
 
+def test_a_subjects_dir_is_its_subjects(tiny_cohorts, tmp_path):
+    """input=$SUBJECTS_DIR: each subject's orig.mgz, named after its folder; not fsaverage."""
+    subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s001", "s000"])
+    shutil.copytree(subjects / "s000", subjects / "fsaverage")  # recon-all links it in
+    (subjects / "notes").mkdir()  # a folder that is not a subject
+    files = prediction.input_images(str(subjects))
+    assert files == [subjects / sid / "mri" / "orig.mgz" for sid in ("s000", "s001")]
+    outputs = [prediction.scan_outputs(str(subjects), tmp_path / "out", f) for f in files]
+    assert [o.name for o in outputs] == ["s000", "s001"]
+    assert outputs[0].seg == tmp_path / "out" / "s000_seg.nii.gz"
+    with pytest.raises(io.InputError, match=r"empty: no \.nii.*nor FreeSurfer subject folders"):
+        (tmp_path / "empty").mkdir()
+        prediction.input_images(str(tmp_path / "empty"))
+
+
 def _dataset(name, *overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[f"dataset={name}", *overrides])
