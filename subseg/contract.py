@@ -106,10 +106,12 @@ class InputContract:
 
     def describe(self) -> str:
         """One line for logs: ``brain=auto preprocess=n4 atlas=harvard_oxford intensity=zscore``."""
+        interior_mm = transforms.zscore_interior_mm(self.preprocess)
         return (
             f"brain={brain.Extraction.from_config(self.preprocess).method} "
             f"preprocess={self.preprocess.get('name')} atlas={self.atlas.get('name')} "
             f"intensity={self.intensity}"
+            + (f" (z-score from {interior_mm:g} mm inside the brain)" if interior_mm else "")
         )
 
 
@@ -124,7 +126,10 @@ def _meaning(preset: Mapping, group: str):
     """What of a preset changes the model's input (local settings left out)."""
     if group == "preprocess":  # the brain block may differ: see with_brain
         settings = bias.N4.from_config(preset)
-        return None if settings is None else settings.record()
+        return {
+            "n4": None if settings is None else settings.record(),
+            "zscore_interior_mm": transforms.zscore_interior_mm(preset),
+        }
     registration = {k: v for k, v in (preset.get("registration") or {}).items() if k != "threads"}
     keys = ("kind", "roi_distance", "mask_distance", "smoothing_mm", "template", "probabilities")
     return {**{k: preset.get(k) for k in keys}, "registration": registration}

@@ -60,6 +60,16 @@ def test_options_are_checked_against_the_runs_record(tmp_path):
     other = dict(contracts.default_preset("preprocess"), shrink_factor=2)
     with pytest.raises(io.InputError, match="trained with preprocess=n4"):
         contracts.check_options(run.contract(), {"preprocess": other}, run.path)
+    # The z-score's statistics are part of the input: another depth is refused, both ways.
+    interior = dict(contracts.default_preset("preprocess"), zscore_interior_mm=5)
+    with pytest.raises(io.InputError, match="trained with preprocess=n4"):
+        contracts.check_options(run.contract(), {"preprocess": interior}, run.path)
+    deep = _run(tmp_path, "deep")
+    deep.write_contract(InputContract(interior, contracts.default_preset("atlas")))
+    assert contracts.check_options(deep.contract(), {"preprocess": interior}, run.path)
+    assert "z-score from 5 mm inside the brain" in deep.contract().describe()
+    with pytest.raises(io.InputError, match="trained with preprocess=n4"):
+        contracts.check_options(deep.contract(), same, run.path)
 
 
 def test_model_of_reads_the_run_and_refuses_a_foreign_checkpoint(tmp_path):

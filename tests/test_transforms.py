@@ -129,3 +129,57 @@ def test_label_protocol_is_checked_on_load(tmp_path):
         transforms.preprocessing("aseg")(item)
     out = transforms.preprocessing("miccai2012")(item)
     assert set(torch.unique(out["label"]).tolist()) == {labels.class_of("right_thalamus")}
+
+
+def _brain_with_rim(tmp_path, rim_voxels: int, name: str):
+    """A uniform noisy 'brain' (a 1 x 1 x 1.5 mm ellipsoid) inside a dark CSF rim of some width.
+
+    The same brain voxels every time (same seed); only how much rim the mask kept differs, as
+    between two extractors.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    shape = (64, 64, 44)
+    index = np.indices(shape, dtype=np.float32)
+    centre = (np.array(shape) - 1) / 2
+    radius = np.sqrt(sum(((index[i] - centre[i]) / (24, 24, 16)[i]) ** 2 for i in range(3)))
+    tissue = radius <= 1.0
+    image = np.where(tissue, 100 + rng.normal(0, 5, shape), 0).astype(np.float32)
+    rim = ndimage.binary_dilation(tissue, iterations=rim_voxels) & ~tissue
+    image[rim] = 20 + rng.normal(0, 2, int(rim.sum()))
+    path = write_nifti(tmp_path / f"{name}.nii.gz", image, affine_for("RAS", (1.0, 1.0, 1.5)))
+    return path, tissue
+
+
+def _zscored(path, **preprocess):
+    cfg = {"name": "none", "kind": "none", "brain": {"method": "none"}, **preprocess}
+    return transforms.preprocessing(None, preprocess=cfg)({"image": str(path)})["image"][0].numpy()
+
+
+def test_an_interior_zscore_does_not_move_with_the_mask_edge(tmp_path):
+    """One more voxel of CSF kept at the mask's edge moves a whole-mask z-score of every brain
+    voxel; statistics from the brain's interior (zscore_interior_mm) barely move."""
+    thin, tissue = _brain_with_rim(tmp_path, 1, "thin")
+    thick, _ = _brain_with_rim(tmp_path, 2, "thick")
+    whole = np.abs(_zscored(thin) - _zscored(thick))[tissue].mean()
+    inner = [_zscored(p, zscore_interior_mm=5) for p in (thin, thick)]
+    interior = np.abs(inner[0] - inner[1])[tissue].mean()
+    assert whole > 0.1 and interior < whole / 20
+    # The whole brain is normalised (rim included), by its interior's mean and s.d.
+    brain = inner[0][tissue]
+    assert abs(float(brain.mean())) < 0.05 and abs(float(brain.std()) - 1) < 0.05
+    assert (inner[0] != 0).sum() == (_zscored(thin) != 0).sum()
+
+
+def test_a_record_without_the_interior_setting_is_the_whole_mask_zscore(tmp_path):
+    """Models trained before zscore_interior_mm existed get the input they were trained on."""
+    path, _ = _brain_with_rim(tmp_path, 1, "scan")
+    before = transforms.Pipeline(
+        [transforms.LoadSubjectd(), transforms.NormalizeIntensityd("image", nonzero=True)]
+    )({"image": str(path)})["image"][0].numpy()
+    np.testing.assert_array_equal(_zscored(path), before)
+    np.testing.assert_array_equal(_zscored(path, zscore_interior_mm=0), before)
+    assert not np.array_equal(_zscored(path, zscore_interior_mm=5), before)
+    with pytest.raises(ValueError, match="zscore_interior_mm=-1"):
+        transforms.zscore_interior_mm({"zscore_interior_mm": -1})
