@@ -86,7 +86,15 @@ def _check_folders(root: Path, path: Path) -> None:
             )
 
 
-def find_t1w(root: str | os.PathLike) -> list[Path]:
+def dataset_of_subject(folder: str | os.PathLike) -> Path | None:
+    """The BIDS dataset a subject's folder (``<root>/sub-X``) belongs to, or ``None``."""
+    folder = Path(folder)
+    if folder.is_dir() and folder.name.startswith("sub-") and is_dataset(folder.parent):
+        return folder.parent
+    return None
+
+
+def find_t1w(root: str | os.PathLike, subject: str = "sub-*") -> list[Path]:
     """Every T1w scan of a BIDS dataset: ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, any entities.
 
     ``derivatives/``, ``sourcedata/`` and hidden files are not looked into (only the ``sub-*``
@@ -94,6 +102,7 @@ def find_t1w(root: str | os.PathLike) -> list[Path]:
 
     Args:
         root: the dataset's root folder.
+        subject: one subject's folder name (``sub-01``) to look in only; default: all.
 
     Returns:
         The scans, sorted, as paths under ``root``.
@@ -103,7 +112,7 @@ def find_t1w(root: str | os.PathLike) -> list[Path]:
     """
     root = Path(root)
     found = []
-    for anat in sorted([*root.glob("sub-*/anat"), *root.glob("sub-*/ses-*/anat")]):
+    for anat in sorted([*root.glob(f"{subject}/anat"), *root.glob(f"{subject}/ses-*/anat")]):
         if not anat.is_dir():
             continue
         for path in sorted(anat.iterdir()):
@@ -113,8 +122,10 @@ def find_t1w(root: str | os.PathLike) -> list[Path]:
                 _check_folders(root, path)
                 found.append(path)
     if not found:
+        where = root if subject == "sub-*" else root / subject
         raise io.InputError(
-            f"{root}: a BIDS dataset with no T1w scan (sub-*/[ses-*/]anat/*_T1w.nii[.gz])"
+            f"{where}: a BIDS {'dataset' if subject == 'sub-*' else 'subject'} with no T1w scan "
+            f"({subject}/[ses-*/]anat/*_T1w.nii[.gz])"
         )
     return found
 

@@ -83,7 +83,8 @@ def input_images(spec) -> list[Path]:
     """T1 files named by a file, a folder or a list of either.
 
     A folder is a FreeSurfer subject's (its ``mri/orig.mgz``), a BIDS dataset's root (its
-    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, :func:`subseg.bids.find_t1w`), a folder of scans
+    ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``, :func:`subseg.bids.find_t1w`) or one subject's
+    folder of one (``sub-X/``: its scans, named as the dataset's would be), a folder of scans
     (every .nii, .nii.gz, .mgz and .mgh in it), or else a FreeSurfer ``SUBJECTS_DIR`` (the
     ``mri/orig.mgz`` of each subject folder in it). A folder of scans' ``*_seg`` and
     ``*_prob`` files, and files its subseg manifest lists, are outputs (subseg's, or labels
@@ -95,6 +96,8 @@ def input_images(spec) -> list[Path]:
             files.append(item / FREESURFER_SCAN)
         elif bids.is_dataset(item):
             files += bids.find_t1w(item)
+        elif bids.dataset_of_subject(item) is not None:  # one subject of a dataset: sub-X/
+            files += bids.find_t1w(bids.dataset_of_subject(item), item.name)
         elif item.is_dir():
             ours = set(OutputManifest(item).files)
             candidates = [
@@ -168,8 +171,8 @@ def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
             if scan == item / FREESURFER_SCAN:
                 name = item.resolve().name  # "." names the folder it is
                 break
-        elif scan.is_relative_to(item) and bids.is_dataset(item):
-            named = bids.derivative_names(item, scan, out_dir)
+        elif scan.is_relative_to(item) and _bids_root(item) is not None:
+            named = bids.derivative_names(_bids_root(item), scan, out_dir)
             return ScanOutputs(named.scan, named.dseg, named.probseg, named.qc, named.volumes)
         elif item.is_dir() and _subject_of(item, scan):
             name = _subject_of(item, scan)
@@ -179,9 +182,17 @@ def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
     )
 
 
+def _bids_root(item: Path) -> Path | None:
+    """The BIDS dataset an input is (its root) or is a subject of (``sub-X/``), or ``None``."""
+    if is_freesurfer_subject(item):
+        return None
+    return item if bids.is_dataset(item) else bids.dataset_of_subject(item)
+
+
 def bids_roots(spec) -> list[Path]:
-    """The BIDS datasets among the inputs (their outputs form a derivative dataset)."""
-    return [i for i in _items(spec) if not is_freesurfer_subject(i) and bids.is_dataset(i)]
+    """The BIDS datasets that inputs are, or are subjects of (a derivative dataset's sources)."""
+    roots = [_bids_root(i) for i in _items(spec)]
+    return list(dict.fromkeys(r for r in roots if r is not None))
 
 
 def check_batch(files: list[Path], spec=None) -> None:

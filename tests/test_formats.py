@@ -185,6 +185,36 @@ def test_bids_t1w_scans_are_found_and_named_as_derivatives(tmp_path):
         prediction.input_images(root)
 
 
+def test_one_subject_of_a_bids_dataset_is_named_as_the_dataset_names_it(tmp_path):
+    """input=<bids>/sub-02 (one participant per job): its scans only, outputs in the same
+    derivative tree as the whole dataset's, and the dataset as the derivative's source."""
+    source = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(_scan_and_label()[0], np.eye(4)), source)
+    root = _bids_dataset(
+        tmp_path / "ds",
+        {
+            "sub-01/anat/sub-01_T1w.nii.gz": source,
+            "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz": source,
+            "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz": source,
+        },
+    )
+    shutil.copy(source, root / "sub-01" / "anat" / "sub-03_T1w.nii.gz")  # misfiled, not ours
+    subject = root / "sub-02"
+    files = prediction.input_images(str(subject))
+    assert [f.relative_to(root).as_posix() for f in files] == [
+        "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+        "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz",
+    ]
+    out = tmp_path / "out"
+    named = prediction.scan_outputs(str(subject), out, files[0])
+    assert named.seg == out / "sub-02/ses-1/anat/sub-02_ses-1_desc-subseg_dseg.nii.gz"
+    assert named.seg == prediction.scan_outputs(str(root), out, files[0]).seg
+    assert prediction.bids_roots([str(subject), str(root / "sub-01")]) == [root]
+    (root / "sub-04").mkdir()
+    with pytest.raises(io.InputError, match=r"sub-04: a BIDS subject with no T1w scan"):
+        prediction.input_images(str(root / "sub-04"))
+
+
 def test_the_output_manifest_keys_nested_files_by_their_path_in_the_folder(tmp_path):
     from subseg.output_manifest import OutputManifest
 
