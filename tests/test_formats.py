@@ -186,8 +186,8 @@ def test_bids_t1w_scans_are_found_and_named_as_derivatives(tmp_path):
 
 
 def test_one_subject_of_a_bids_dataset_is_named_as_the_dataset_names_it(tmp_path):
-    """input=<bids>/sub-02 (one participant per job): its scans only, outputs in the same
-    derivative tree as the whole dataset's, and the dataset as the derivative's source."""
+    """input=<bids>/sub-02: its scans only, outputs in the same derivative tree as the whole
+    dataset's, and the dataset as the derivative's source."""
     source = tmp_path / "x.nii.gz"
     nib.save(nib.Nifti1Image(_scan_and_label()[0], np.eye(4)), source)
     root = _bids_dataset(
