@@ -71,6 +71,19 @@ def freesurfer_subjects(folder: Path) -> list[Path]:
     )
 
 
+def is_subjects_dir(folder: Path) -> bool:
+    """Whether a folder is a FreeSurfer ``SUBJECTS_DIR``: subject folders, no scans of its own.
+
+    Checked before BIDS: fMRIPrep names FreeSurfer subjects ``sub-X``, so its ``freesurfer/``
+    folder looks like a BIDS dataset but has no ``dataset_description.json``.
+    """
+    if not folder.is_dir() or (folder / bids.DESCRIPTION).is_file():
+        return False
+    if any(p.name.endswith(io.VOLUME_SUFFIXES) for p in folder.iterdir()):
+        return False  # a folder of scans
+    return bool(freesurfer_subjects(folder))
+
+
 def _subject_of(folder: Path, scan: Path) -> str | None:
     """The subject folder's name when ``scan`` is a subject's in ``folder`` (a SUBJECTS_DIR)."""
     subject = scan.parent.parent
@@ -94,6 +107,8 @@ def input_images(spec) -> list[Path]:
     for item in _items(spec):
         if item.is_dir() and is_freesurfer_subject(item):
             files.append(item / FREESURFER_SCAN)
+        elif is_subjects_dir(item):
+            files += [subject / FREESURFER_SCAN for subject in freesurfer_subjects(item)]
         elif bids.is_dataset(item):
             files += bids.find_t1w(item)
         elif bids.dataset_of_subject(item) is not None:  # one subject of a dataset: sub-X/
@@ -112,9 +127,6 @@ def input_images(spec) -> list[Path]:
                     "(*_seg, *_prob) or written by subseg are not taken as scans",
                     file=sys.stderr,
                 )
-            if not candidates and freesurfer_subjects(item):
-                files += [subject / FREESURFER_SCAN for subject in freesurfer_subjects(item)]
-                continue
             if not found:
                 raise io.InputError(
                     f"{item}: no .nii, .nii.gz, .mgz or .mgh scans in this folder (nor FreeSurfer "
@@ -171,12 +183,13 @@ def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
             if scan == item / FREESURFER_SCAN:
                 name = item.resolve().name  # "." names the folder it is
                 break
+        elif is_subjects_dir(item):
+            if _subject_of(item, scan):
+                name = _subject_of(item, scan)
+                break
         elif scan.is_relative_to(item) and _bids_root(item) is not None:
             named = bids.derivative_names(_bids_root(item), scan, out_dir)
             return ScanOutputs(named.scan, named.dseg, named.probseg, named.qc, named.volumes)
-        elif item.is_dir() and _subject_of(item, scan):
-            name = _subject_of(item, scan)
-            break
     return ScanOutputs(
         name, *(out_dir / f"{name}_{kind}" for kind in ("seg.nii.gz", "prob.nii.gz", "qc.png"))
     )
@@ -184,7 +197,7 @@ def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
 
 def _bids_root(item: Path) -> Path | None:
     """The BIDS dataset an input is (its root) or is a subject of (``sub-X/``), or ``None``."""
-    if is_freesurfer_subject(item):
+    if is_freesurfer_subject(item) or is_subjects_dir(item):
         return None
     return item if bids.is_dataset(item) else bids.dataset_of_subject(item)
 

@@ -287,7 +287,7 @@ def zscore_interior_mm(preprocess: Mapping | None) -> float:
     """
     value = float((preprocess or {}).get("zscore_interior_mm") or 0.0)
     if value < 0:
-        raise ValueError(f"preprocess.zscore_interior_mm={value}: give a depth >= 0 (mm)")
+        raise io.InputError(f"preprocess.zscore_interior_mm={value}: give a depth >= 0 (mm)")
     return value
 
 
@@ -296,10 +296,10 @@ class InteriorZScored(MapTransform):
 
     Brain masks differ at their edge: one extractor keeps a voxel of CSF and dura that another
     drops, and a whole-mask z-score moves every brain voxel with it (one voxel of dilation moved
-    the demo's No TL Dice by 0.014, docs/engineering.md). Voxels at least ``interior_mm`` inside
+    the demo's No TL Dice by 0.014, docs/engineering.md). Voxels more than ``interior_mm`` inside
     the mask (Euclidean distance in mm, the voxel spacing honoured) are where extractors agree.
     The whole brain is normalised; voxels outside it stay zero. A brain too thin to have an
-    interior (fewer than :data:`MIN_INTERIOR_VOXELS`) falls back to the whole mask.
+    interior (fewer than :attr:`MIN_INTERIOR_VOXELS`) falls back to the whole mask.
 
     Args:
         keys: image keys (``MetaTensor`` s with ``spacing`` in their meta data).

@@ -430,6 +430,13 @@ def test_a_subjects_dir_is_its_subjects(tiny_cohorts, tmp_path):
     outputs = [prediction.scan_outputs(str(subjects), tmp_path / "out", f) for f in files]
     assert [o.name for o in outputs] == ["s000", "s001"]
     assert outputs[0].seg == tmp_path / "out" / "s000_seg.nii.gz"
+    # fMRIPrep's freesurfer/ names its subjects sub-X: a SUBJECTS_DIR still, not a BIDS dataset.
+    fmriprep = _subjects_dir(tmp_path / "freesurfer", tiny_cohorts, ["s000"])
+    (fmriprep / "s000").rename(fmriprep / "sub-01")
+    files = prediction.input_images(str(fmriprep))
+    assert files == [fmriprep / "sub-01" / "mri" / "orig.mgz"]
+    assert prediction.bids_roots([str(fmriprep)]) == []
+    assert prediction.scan_outputs(str(fmriprep), tmp_path, files[0]).name == "sub-01"
     with pytest.raises(io.InputError, match=r"empty: no \.nii.*nor FreeSurfer subject folders"):
         (tmp_path / "empty").mkdir()
         prediction.input_images(str(tmp_path / "empty"))

@@ -181,5 +181,5 @@ def test_a_record_without_the_interior_setting_is_the_whole_mask_zscore(tmp_path
     np.testing.assert_array_equal(_zscored(path), before)
     np.testing.assert_array_equal(_zscored(path, zscore_interior_mm=0), before)
     assert not np.array_equal(_zscored(path, zscore_interior_mm=5), before)
-    with pytest.raises(ValueError, match="zscore_interior_mm=-1"):
+    with pytest.raises(io.InputError, match="zscore_interior_mm=-1"):
         transforms.zscore_interior_mm({"zscore_interior_mm": -1})
