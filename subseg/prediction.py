@@ -64,11 +64,12 @@ def freesurfer_subjects(folder: Path) -> list[Path]:
     """
     if not folder.is_dir():
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith((".", "fsaverage")) and is_freesurfer_subject(p)
-    )
+    return sorted(p for p in folder.iterdir() if _is_listed_subject(p))
+
+
+def _is_listed_subject(path: Path) -> bool:
+    """A subject of a ``SUBJECTS_DIR`` (not a hidden folder, not an ``fsaverage*`` template)."""
+    return not path.name.startswith((".", "fsaverage")) and is_freesurfer_subject(path)
 
 
 def is_subjects_dir(folder: Path) -> bool:
@@ -81,7 +82,7 @@ def is_subjects_dir(folder: Path) -> bool:
         return False
     if any(p.name.endswith(io.VOLUME_SUFFIXES) for p in folder.iterdir()):
         return False  # a folder of scans
-    return bool(freesurfer_subjects(folder))
+    return any(_is_listed_subject(p) for p in folder.iterdir())
 
 
 def _subject_of(folder: Path, scan: Path) -> str | None:
@@ -183,10 +184,9 @@ def scan_outputs(spec, out_dir: Path, scan: Path) -> ScanOutputs:
             if scan == item / FREESURFER_SCAN:
                 name = item.resolve().name  # "." names the folder it is
                 break
-        elif is_subjects_dir(item):
-            if _subject_of(item, scan):
-                name = _subject_of(item, scan)
-                break
+        elif _subject_of(item, scan):  # <SUBJECTS_DIR>/<subject>/mri/orig.mgz (paths only)
+            name = _subject_of(item, scan)
+            break
         elif scan.is_relative_to(item) and _bids_root(item) is not None:
             named = bids.derivative_names(_bids_root(item), scan, out_dir)
             return ScanOutputs(named.scan, named.dseg, named.probseg, named.qc, named.volumes)
