@@ -135,6 +135,17 @@ def _meaning(preset: Mapping, group: str):
     return {**{k: preset.get(k) for k in keys}, "registration": registration}
 
 
+def _differences(recorded: Mapping, given: Mapping, group: str) -> str:
+    """Which settings of two same-named presets differ, for an error message (else '')."""
+    if recorded.get("name") != given.get("name"):
+        return ""
+    model, option = _meaning(recorded, group), _meaning(given, group)
+    keys = [k for k in model if model[k] != option.get(k)]
+    return "; it differs in " + ", ".join(
+        f"{k} (model: {model[k]}, option: {option.get(k)})" for k in keys
+    )
+
+
 def with_brain(preprocess: Mapping, cfg) -> dict:
     """``preprocess`` with the task's ``brain=`` option (when set) as its extraction method.
 
@@ -178,7 +189,7 @@ def check_options(contract: InputContract, cfg, where: Path | str) -> InputContr
             raise io.InputError(
                 f"{where}: the model was trained with {group}={recorded.get('name')}; "
                 f"{group}={given.get('name')} would feed it other input (drop the option: "
-                f"the run's own is used)"
+                f"the run's own is used){_differences(recorded, given, group)}"
             )
         local = {k: given[k] for k in LOCAL_KEYS if given.get(k) is not None}
         threads = (given.get("registration") or {}).get("threads")

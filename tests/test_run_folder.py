@@ -60,16 +60,20 @@ def test_options_are_checked_against_the_runs_record(tmp_path):
     other = dict(contracts.default_preset("preprocess"), shrink_factor=2)
     with pytest.raises(io.InputError, match="trained with preprocess=n4"):
         contracts.check_options(run.contract(), {"preprocess": other}, run.path)
-    # The z-score's statistics are part of the input: another depth is refused, both ways.
-    interior = dict(contracts.default_preset("preprocess"), zscore_interior_mm=5)
+    # The z-score's statistics are part of the input: another depth is refused, both ways. A
+    # record from before the setting existed (no key) is the whole-mask z-score.
+    assert "z-score from 5 mm inside the brain" in run.contract().describe()
+    whole = dict(contracts.default_preset("preprocess"), zscore_interior_mm=0)
+    differs = r"differs in zscore_interior_mm \(model: 5.0, option: 0.0\)"
+    with pytest.raises(io.InputError, match=f"trained with preprocess=n4.*{differs}"):
+        contracts.check_options(run.contract(), {"preprocess": whole}, run.path)
+    older = _run(tmp_path, "older")
+    recorded = {k: v for k, v in whole.items() if k != "zscore_interior_mm"}
+    older.write_contract(InputContract(recorded, contracts.default_preset("atlas")))
+    assert contracts.check_options(older.contract(), {"preprocess": whole}, run.path)
+    assert "inside the brain" not in older.contract().describe()
     with pytest.raises(io.InputError, match="trained with preprocess=n4"):
-        contracts.check_options(run.contract(), {"preprocess": interior}, run.path)
-    deep = _run(tmp_path, "deep")
-    deep.write_contract(InputContract(interior, contracts.default_preset("atlas")))
-    assert contracts.check_options(deep.contract(), {"preprocess": interior}, run.path)
-    assert "z-score from 5 mm inside the brain" in deep.contract().describe()
-    with pytest.raises(io.InputError, match="trained with preprocess=n4"):
-        contracts.check_options(deep.contract(), same, run.path)
+        contracts.check_options(older.contract(), same, run.path)
 
 
 def test_model_of_reads_the_run_and_refuses_a_foreign_checkpoint(tmp_path):
