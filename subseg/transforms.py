@@ -328,11 +328,18 @@ def interior_statistics(
 ) -> tuple[float, float]:
     """Mean and s.d. of the non-zero voxels more than ``interior_mm`` inside the non-zero region."""
     brain = volume != 0
-    depth = ndimage.distance_transform_edt(brain, sampling=[float(s) for s in spacing])
+    if not brain.any():
+        return 0.0, 1.0
+    # The distance transform runs on the brain's box with a margin of one voxel, clipped to the
+    # grid: the same distances as on the whole grid (moving a background voxel outside the box
+    # onto the margin only brings it closer), at a fraction of the cost on a head's grid.
+    box = tuple(slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(brain))
+    depth = ndimage.distance_transform_edt(brain[box], sampling=[float(s) for s in spacing])
     inner = depth > interior_mm
+    region = volume[box]
     if inner.sum() < InteriorZScored.MIN_INTERIOR_VOXELS:
-        inner = brain
-    values = volume[inner].astype(np.float64)
+        inner = region != 0
+    values = region[inner].astype(np.float64)
     return float(values.mean()), float(values.std()) or 1.0
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import affine_for, write_nifti
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+from scipy import ndimage
 
 from subseg import io, labels, transforms
 
@@ -183,3 +184,21 @@ def test_a_record_without_the_interior_setting_is_the_whole_mask_zscore(tmp_path
     assert not np.array_equal(_zscored(path, zscore_interior_mm=5), before)
     with pytest.raises(io.InputError, match="zscore_interior_mm=-1"):
         transforms.zscore_interior_mm({"zscore_interior_mm": -1})
+
+
+def test_interior_statistics_on_the_brains_box_equal_the_whole_grids():
+    """The distance transform is cropped to the brain's box for speed; the result must not move,
+    also where the brain touches the grid's edge."""
+    rng = np.random.default_rng(3)
+    volume = np.zeros((40, 36, 30))
+    volume[5:33, 0:30, 8:30] = rng.uniform(10, 100, (28, 30, 22))  # touches two faces
+    volume[14:18, 12:16, 12:16] = 0  # a hole inside
+    spacing = (1.0, 0.9, 1.5)
+    brain = volume != 0
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing)
+    for interior_mm in (1.0, 3.0, 5.0):
+        inner = volume[depth > interior_mm]
+        expected = (float(inner.mean()), float(inner.std()))
+        assert transforms.interior_statistics(volume, spacing, interior_mm) == pytest.approx(
+            expected, rel=1e-12
+        )
