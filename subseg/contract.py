@@ -71,13 +71,11 @@ class InputContract:
             A :class:`subseg.transforms.Pipeline` taking ``{"image": path, "label": …}`` and
             giving the standardised ``image``, the mapped ``label`` and the ``prior``.
         """
-        from subseg import data
-
         source = self.load_atlas() if source is None else source
         return transforms.Pipeline(
             [
                 *self.intensities(protocol).transforms,
-                data.AtlasPriord(self.atlas, source, self.preprocess),
+                transforms.AtlasPriord(self.atlas, source, self.preprocess),
             ]
         )
 

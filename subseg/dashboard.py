@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from subseg.method_keys import method_key
 from subseg.run_folder import RunFolder
 
 
@@ -36,8 +37,6 @@ def describe(cfg: DictConfig, run: RunFolder) -> dict:
         preprocess = run.read_json(run.contract_file).get("preprocess")
     out["preprocessing"] = (preprocess or {}).get("name")
     if cfg.task == "finetune":
-        from subseg.finetuning import method_key  # here: finetuning imports this module's users
-
         out.update(
             method=method_key(cfg),
             k=cfg.target.n_images,

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from subseg import atlas, io, patches
+from subseg import atlas, patches
 
 
 @dataclass
@@ -200,38 +199,13 @@ def collate_batch(batch: dict) -> dict:
     return batch
 
 
-class AtlasPriord(MapTransform):
-    """Attach a subject's atlas prior (:class:`subseg.atlas.Prior`, cached on disk) as ``prior``.
-
-    Args:
-        atlas_cfg: the ``conf/atlas`` entry.
-        source: from :func:`subseg.atlas.load_source`.
-        preprocess: the ``conf/preprocess`` entry (registration sees the bias-corrected scan).
-        image_key: key of the image; its file path is read from the meta data.
-    """
-
-    def __init__(self, atlas_cfg, source, preprocess=None, image_key: str = "image"):
-        super().__init__([image_key])
-        self.atlas_cfg, self.source, self.image_key = atlas_cfg, source, image_key
-        self.preprocess = preprocess
-
-    def __call__(self, item):
-        """Add ``prior`` to the item."""
-        out = dict(item)
-        path = out[self.image_key].meta["filename_or_obj"]
-        out["prior"] = atlas.subject_prior(
-            io.load_image(path), self.atlas_cfg, self.source, self.preprocess
-        )
-        return out
-
-
 def subject_samples(
     item: dict, rng: np.random.Generator, limit: int | None = None
 ) -> SubjectSamples:
     """Sample a preprocessed subject (``image``, ``label``, ``prior``) as docs/method.md §4 says.
 
     Args:
-        item: from the preprocessing pipeline plus :class:`AtlasPriord`.
+        item: from the preprocessing pipeline plus :class:`subseg.transforms.AtlasPriord`.
         rng: random generator.
         limit: keep at most this many samples (a random subset), for small machines.
     """

@@ -12,7 +12,19 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from subseg import cache, cohort, figures, inference, io, metrics, overlay, quality, sides
+from subseg import (
+    cache,
+    cohort,
+    dashboard,
+    figures,
+    inference,
+    io,
+    metrics,
+    overlay,
+    quality,
+    sharding,
+    sides,
+)
 from subseg.contract import InputContract, as_dict
 from subseg.preparation import cached_subjects, check_cohort
 from subseg.run_folder import RunFolder
@@ -84,8 +96,6 @@ def publish(
     Returns:
         The summary (on every rank).
     """
-    from subseg import dashboard, sharding
-
     rank, world = sharding.world()
     mine = sharding.shard(list(ids), rank, world)
     seg_dir = run.segmentations_dir if segmentations else None

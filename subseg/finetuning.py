@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from subseg import cache, cohort, evaluation, fitting, io, metrics
 from subseg import contract as contracts
 from subseg.contract import as_dict
+from subseg.method_keys import method_key
 from subseg.preparation import (
     cached_subjects,
     check_cohort,
@@ -26,24 +27,6 @@ from subseg.preparation import (
 )
 from subseg.run_folder import RunFolder, is_first_process
 from subseg.trained_model import source_run
-
-
-def method_key(cfg: DictConfig) -> str:
-    """The report's name of a fine-tuning run's method (no_tl, tl3, scratch3, mixed3, …).
-
-    ``n_images=all`` from scratch is ``full`` (full training; the folds of a leave-one-out
-    share it, so the report pools them), and ``tl_all`` with transfer.
-    """
-    k = cfg.target.n_images
-    k = "_all" if k == "all" else int(k)
-    prefix = "nyul_" if cfg.intensity == "nyul" else ""
-    if cfg.init == "scratch":
-        if k == "_all" and not cfg.get("mix_source"):
-            return f"{prefix}full"
-        return f"{prefix}{'mixed' if cfg.get('mix_source') else 'scratch'}{k}"
-    preset = "" if cfg.freeze.name == "paper" else f"_{cfg.freeze.name}"
-    picked = "_suggested" if (cfg.target.get("pick") or "random") == "suggested" else ""
-    return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}{picked}"
 
 
 def check_options(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from subseg import io
+from subseg import dashboard, io
 from subseg.run_folder import RunFolder
 
 
@@ -79,8 +79,6 @@ def loggers(cfg: DictConfig, run: RunFolder) -> list:
 
     from hydra.utils import get_class, instantiate
     from lightning.pytorch.loggers import CSVLogger
-
-    from subseg import dashboard
 
     chosen = [CSVLogger(save_dir=run.path, name=run.logs_dir.name, version="")]
     for key, conf in (cfg.get("logger") or {}).items():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,21 +33,8 @@ from matplotlib.figure import Figure
 
 from subseg import cache, environment, io, metrics, quality, stats
 from subseg.labels import STRUCTURES
+from subseg.method_keys import FAMILIES, family_of, sort_key
 from subseg.run_folder import RunFolder
-
-FAMILIES = (
-    ("no_tl", "No TL"),
-    ("nyul_no_tl", "Nyúl No TL"),
-    ("tl", "TL"),
-    ("nyul_tl", "Nyúl + TL"),
-    ("scratch", "scratch"),
-    ("nyul_scratch", "Nyúl scratch"),
-    ("mixed", "mixed"),
-    ("nyul_mixed", "Nyúl mixed"),
-    ("full", "full training"),
-    ("nyul_full", "Nyúl full training"),
-)
-_KEY = re.compile(r"^(?P<family>[a-z_]+?)(?P<k>\d+)?(?P<preset>_[a-z_]+)?$")
 
 
 @dataclass
@@ -149,22 +135,6 @@ def _source_model_metrics(run: RunFolder) -> Path:
     return run.source_test.metrics_file  # absent: no retention row
 
 
-def family_of(method: str) -> tuple[str, int]:
-    """(family, k) of a method key: ``tl3`` → (tl, 3); ``no_tl`` → (no_tl, 0)."""
-    if method in ("no_tl", "nyul_no_tl"):
-        return method, 0
-    match = _KEY.match(method)
-    if not match or match["k"] is None:
-        return method, 0
-    return match["family"] + (match["preset"] or ""), int(match["k"])
-
-
-def _order(method: str) -> tuple:
-    family, k = family_of(method)
-    names = [f for f, _ in FAMILIES]
-    return (names.index(family) if family in names else len(names), family, k)
-
-
 def _grouped(runs: Sequence[Run]) -> dict[str, list[Run]]:
     grouped: dict[str, list[Run]] = {}
     tested: dict[tuple, Path] = {}
@@ -178,7 +148,7 @@ def _grouped(runs: Sequence[Run]) -> dict[str, list[Run]]:
                     f"draw {run.draw}; report one of them"
                 )
             tested[key] = run.folder
-    return {m: grouped[m] for m in sorted(grouped, key=_order)}
+    return {m: grouped[m] for m in sorted(grouped, key=sort_key)}
 
 
 def _pooled(runs: Sequence[Run], source: bool = False) -> list[dict]:
@@ -456,7 +426,7 @@ def quality_vs_dice(runs: Sequence[Run], path: str | Path, methods=("no_tl", "tl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
-    used = sorted({m for _, _, m in pairs}, key=_order)
+    used = sorted({m for _, _, m in pairs}, key=sort_key)
     return {"spearman": rho, "n_pairs": len(pairs), "methods": used}
 
 

@@ -14,6 +14,7 @@ lacks is written here in MONAI's style (an array transform plus its ``…d`` twi
 - ``InteriorZScored``: ``NormalizeIntensityd`` takes its mean and s.d. from the voxels it
   normalises; this one takes them from the brain's interior (``preprocess.zscore_interior_mm``)
   and hands them to MONAI's ``NormalizeIntensity``.
+- ``AtlasPriord``: attaches the subject's registered atlas prior (:mod:`subseg.atlas`, cached).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from monai.transforms import (
 from monai.utils import convert_data_type, convert_to_dst_type
 from scipy import ndimage
 
-from subseg import bias, io
+from subseg import atlas, bias, io
 from subseg import labels as label_protocol
 
 NYUL_PERCENTILES: tuple[float, ...] = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
@@ -278,6 +279,31 @@ class Pipeline(Compose):
             if found is None:
                 raise
             raise found from None
+
+
+class AtlasPriord(MapTransform):
+    """Attach a subject's atlas prior (:class:`subseg.atlas.Prior`, cached on disk) as ``prior``.
+
+    Args:
+        atlas_cfg: the ``conf/atlas`` entry.
+        source: from :func:`subseg.atlas.load_source`.
+        preprocess: the ``conf/preprocess`` entry (registration sees the bias-corrected scan).
+        image_key: key of the image; its file path is read from the meta data.
+    """
+
+    def __init__(self, atlas_cfg, source, preprocess=None, image_key: str = "image"):
+        super().__init__([image_key])
+        self.atlas_cfg, self.source, self.image_key = atlas_cfg, source, image_key
+        self.preprocess = preprocess
+
+    def __call__(self, item):
+        """Add ``prior`` to the item."""
+        out = dict(item)
+        path = out[self.image_key].meta["filename_or_obj"]
+        out["prior"] = atlas.subject_prior(
+            io.load_image(path), self.atlas_cfg, self.source, self.preprocess
+        )
+        return out
 
 
 def zscore_interior_mm(preprocess: Mapping | None) -> float:

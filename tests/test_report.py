@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from subseg import cache, io, metrics, report, stats
+from subseg import cache, io, method_keys, metrics, report, stats
 from subseg.labels import STRUCTURES
 from subseg.run_folder import RunFolder
 
@@ -104,11 +104,11 @@ def test_a_subject_tested_twice_by_one_method_is_refused(tmp_path):
 
 
 def test_method_families():
-    assert report.family_of("tl3") == ("tl", 3)
-    assert report.family_of("nyul_tl2") == ("nyul_tl", 2)
-    assert report.family_of("scratch3") == ("scratch", 3)
-    assert report.family_of("no_tl") == ("no_tl", 0)
-    assert report.family_of("tl1_bn_only") == ("tl_bn_only", 1)
+    assert method_keys.family_of("tl3") == ("tl", 3)
+    assert method_keys.family_of("nyul_tl2") == ("nyul_tl", 2)
+    assert method_keys.family_of("scratch3") == ("scratch", 3)
+    assert method_keys.family_of("no_tl") == ("no_tl", 0)
+    assert method_keys.family_of("tl1_bn_only") == ("tl_bn_only", 1)
 
 
 def test_report_names_the_software_each_run_was_made_with(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, write_nifti
 from hydra import compose, initialize_config_dir
 
-from subseg import cohort_preview, finetuning, io, labels
+from subseg import cohort_preview, io, labels, method_keys
 
 TINY = ["dataset@source=synth_tiny_source", "dataset@target=synth_tiny_target"]
 
@@ -161,4 +161,4 @@ def test_summary_of_a_tiny_cohort(tmp_path):
 )
 def test_method_keys_name_the_papers_methods(overrides, key):
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        assert finetuning.method_key(compose("finetune", overrides=overrides)) == key
+        assert method_keys.method_key(compose("finetune", overrides=overrides)) == key
