@@ -3,7 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import cohort_preview, io, protocol
+from subseg.core import io
+from subseg.report import cohort_preview
+from subseg.tasks import protocol
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")

@@ -4,7 +4,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from subseg import finetuning, io, job_threads, start_method
+from subseg.core import io, job_threads, start_method
+from subseg.tasks import finetune
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
@@ -13,7 +14,7 @@ def main(cfg: DictConfig) -> None:
     job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
     start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
     with io.cli_errors():
-        finetuning.finetune(cfg, HydraConfig.get().runtime.output_dir)
+        finetune.finetune(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import io, job_threads, prediction, start_method
+from subseg.core import io, job_threads, start_method
+from subseg.tasks import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
@@ -12,7 +13,7 @@ def main(cfg: DictConfig) -> None:
     job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
     start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
     with io.cli_errors():
-        prediction.predict(cfg)
+        predict.predict(cfg)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from subseg import io, job_threads, start_method, suggestion
+from subseg.core import io, job_threads, start_method
+from subseg.tasks import suggest
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="suggest")
@@ -12,7 +13,7 @@ def main(cfg: DictConfig) -> None:
     job_threads.apply(cfg.threads)
     start_method.reset_in_loky_worker()
     with io.cli_errors():
-        suggestion.suggest(cfg)
+        suggest.suggest(cfg)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ import time
 import torch
 from common import record
 
-from subseg import atlas, dense, io, labels, patches, synth
-from subseg.model import NUM_CLASSES, VIEWS, SubcorticalNet
+from subseg.core import io, labels
+from subseg.data import synth
+from subseg.model import dense, patches
+from subseg.model.network import NUM_CLASSES, VIEWS, SubcorticalNet
+from subseg.preprocessing import atlas
 
 SAMPLE = 4096
 PATCH_BATCH = 512

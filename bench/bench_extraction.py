@@ -13,7 +13,9 @@ import numpy as np
 from common import record
 from scipy import ndimage
 
-from subseg import brain, io, synth
+from subseg.core import io
+from subseg.data import synth
+from subseg.preprocessing import brain
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

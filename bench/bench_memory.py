@@ -107,7 +107,7 @@ def _measure(command: list[str], log: Path) -> dict:
 
 def _scan_256(folder: Path) -> tuple[Path, tuple]:
     """A 1 mm synthetic source subject zero-padded to 256³, centred, in the same world space."""
-    from subseg import synth
+    from subseg.data import synth
 
     params = synth.CohortParams(domain="source", n_subjects=1, seed=7)
     root = synth.ensure_cohort("outputs/bench/predict_subject", params, progress=False)

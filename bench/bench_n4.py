@@ -13,7 +13,9 @@ import numpy as np
 from common import record
 from omegaconf import OmegaConf
 
-from subseg import bias, io, synth
+from subseg.core import io
+from subseg.data import synth
+from subseg.preprocessing import bias
 
 
 def main() -> None:

@@ -25,10 +25,13 @@ import lightning as L
 import numpy as np
 from common import record
 
-from subseg import atlas, bias, brain, inference, io, overlay, trained_model, transforms
-from subseg import contract as contracts
-from subseg.lit_module import SegmentationModule
-from subseg.run_folder import RunFolder
+from subseg.core import io, overlay
+from subseg.model import inference
+from subseg.preprocessing import atlas, bias, brain, transforms
+from subseg.preprocessing import contract as contracts
+from subseg.runs import trained_model
+from subseg.runs.run_folder import RunFolder
+from subseg.training.lit_module import SegmentationModule
 
 DEMO_SOURCE = RunFolder("outputs/demo/runs/source")
 
@@ -54,7 +57,7 @@ ONE_MM_HEAD = {"voxel_mm": (1.0, 1.0, 1.0), "axcodes": "RAS", "partial_volume": 
 
 def _scans() -> dict[str, Path]:
     """The raw 1 mm head and its stripped twin (same seed, same grid)."""
-    from subseg import synth
+    from subseg.data import synth
 
     scans = {}
     for kind, skull in (("raw", True), ("stripped", False)):

@@ -12,7 +12,9 @@ import numpy as np
 from common import record
 from omegaconf import OmegaConf
 
-from subseg import atlas, io, labels, synth
+from subseg.core import io, labels
+from subseg.data import synth
+from subseg.preprocessing import atlas
 
 REPO_CONF = "conf/atlas/harvard_oxford.yaml"
 

@@ -1,6 +1,6 @@
 """Source training: throughput in samples per second, and the time to a whole-volume Dice of 0.80.
 
-``subseg.training.train`` on the synthetic source cohort (``conf/dataset/synth_source.yaml``,
+``subseg.tasks.train.train`` on the synthetic source cohort (``conf/dataset/synth_source.yaml``,
 20 subjects at 1 mm: 12 to train on, 3 held out whole for validation, 5 for testing) with the
 default recipe (``recipe=cpu``: the released code's optimiser, 3,000 samples per subject,
 batch 128, split 75/25 at voxel level, so 27,000 training samples per epoch) and the default
@@ -42,7 +42,8 @@ import lightning as L
 from common import record
 from hydra import compose, initialize_config_dir
 
-from subseg import io, job_threads, training
+from subseg.core import io, job_threads
+from subseg.tasks import train
 
 TARGET = 0.80
 MAX_EPOCHS = 3
@@ -140,7 +141,7 @@ def main() -> None:
     start = time.perf_counter()
     try:
         with io.cli_errors():
-            training.train(cfg, RUN_DIR)
+            train.train(cfg, RUN_DIR)
     except Stop:
         pass
     total = time.perf_counter() - start

@@ -10,9 +10,9 @@ torch's default threads throughout.
 - cached, before: the cached path as it was before issue #12: batches gathered by indexing with
   a tensor, Adam's per-tensor loop, every step's loss and accuracy logged through Lightning's
   epoch aggregation.
-- cached: ``SegmentationModule`` on ``subseg.data.FeatureDataset`` as fine-tuning runs it now:
-  batches gathered with ``index_select``, Adam's fused kernel, epoch means in torchmetrics, and
-  dropout masks from ``torch.rand`` (``subseg.model.Dropout``).
+- cached: ``SegmentationModule`` on ``subseg.training.samples.FeatureDataset`` as fine-tuning runs
+  it now: batches gathered with ``index_select``, Adam's fused kernel, epoch means in torchmetrics,
+  and dropout masks from ``torch.rand`` (``subseg.model.network.Dropout``).
 
 The three run alternately, ``REPEATS`` times each, and the medians are reported: the machine is
 often shared or slowed for a spell, which would otherwise move the ratio. The patch epoch is
@@ -38,8 +38,19 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from subseg import data, io, labels, model, synth, transfer
-from subseg.lit_module import SegmentationModule
+from subseg.core import io, labels
+from subseg.data import synth
+from subseg.model import network
+from subseg.training import transfer
+from subseg.training.lit_module import SegmentationModule
+from subseg.training.samples import (
+    FeatureDataset,
+    PatchDataset,
+    SubjectSamples,
+    collate_batch,
+    sample_voxels,
+    split_indices,
+)
 
 REPEATS = 3
 BATCH = 128
@@ -60,7 +71,7 @@ class _EpochTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-class _IndexedFeatures(data.FeatureDataset):
+class _IndexedFeatures(FeatureDataset):
     """Feature batches gathered as they were: indexing with a tensor."""
 
     def __getitems__(self, indices):
@@ -81,7 +92,7 @@ class _Before(SegmentationModule):
         super().__init__(**kwargs)
         for parent in self.net.modules():
             for name, child in parent.named_children():
-                if isinstance(child, model.Dropout):
+                if isinstance(child, network.Dropout):
                     setattr(parent, name, nn.Dropout(child.p))
 
     def configure_optimizers(self):
@@ -109,7 +120,7 @@ VARIANTS = {
     # name: (module class, dataset class of cached features)
     "patches": (SegmentationModule, None),
     "before": (_Before, _IndexedFeatures),
-    "cached": (SegmentationModule, data.FeatureDataset),
+    "cached": (SegmentationModule, FeatureDataset),
 }
 
 
@@ -126,7 +137,7 @@ def _epoch(pooled, variant: str, fraction: float = 1.0, seed: int = 1) -> dict:
     module = module_class(dropout=0.3, lr=1e-4)
     preset = transfer.FreezePreset.from_config(OmegaConf.load("conf/freeze/paper.yaml"))
     transfer.reset_layers(module.net, preset)
-    train_idx, val_idx = data.split_indices(len(pooled), 0.25, np.random.default_rng(0))
+    train_idx, val_idx = split_indices(len(pooled), 0.25, np.random.default_rng(0))
     timer = _EpochTimer()
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(
@@ -144,7 +155,7 @@ def _epoch(pooled, variant: str, fraction: float = 1.0, seed: int = 1) -> dict:
 
     def loader(indices, shuffle):
         return DataLoader(
-            pooled.subset(indices), batch_size=BATCH, shuffle=shuffle, collate_fn=data.collate_batch
+            pooled.subset(indices), batch_size=BATCH, shuffle=shuffle, collate_fn=collate_batch
         )
 
     train_loader = loader(train_idx, True)
@@ -158,7 +169,7 @@ def _epoch(pooled, variant: str, fraction: float = 1.0, seed: int = 1) -> dict:
     }
 
 
-def _subject() -> tuple[data.SubjectSamples, tuple]:
+def _subject() -> tuple[SubjectSamples, tuple]:
     """The bench's target subject, sampled as docs/method.md §4 says (a flat prior)."""
     params = synth.CohortParams(domain="target", n_subjects=1, seed=7)
     root = synth.ensure_cohort("outputs/bench/target_subject", params, progress=False)
@@ -168,29 +179,29 @@ def _subject() -> tuple[data.SubjectSamples, tuple]:
     brain = image.data[image.data != 0]
     volume = torch.from_numpy((image.data - brain.mean()) / brain.std()).float()
     volume[torch.from_numpy(image.data == 0)] = 0
-    coords, targets = data.sample_voxels(classes, np.random.default_rng(0))
+    coords, targets = sample_voxels(classes, np.random.default_rng(0))
     prior = np.zeros((len(coords), 15), np.float32)
     prior[:, 0] = 1.0  # the prior's values do not change the cost
-    samples = data.SubjectSamples(
+    samples = SubjectSamples(
         volume, torch.from_numpy(coords), torch.from_numpy(targets), torch.from_numpy(prior)
     )
     return samples, image.data.shape
 
 
-def _cached_dataset(samples) -> tuple[data.FeatureDataset, float]:
+def _cached_dataset(samples) -> tuple[FeatureDataset, float]:
     """The frozen conv features of every sample, and the seconds they took (once per fit)."""
     torch.manual_seed(0)
     module = SegmentationModule(dropout=0.3, lr=1e-4)
     start = time.perf_counter()
     features = transfer.conv_features_of(module.net, samples)
     seconds = time.perf_counter() - start
-    return data.FeatureDataset(features, samples.prior, samples.targets), seconds
+    return FeatureDataset(features, samples.prior, samples.targets), seconds
 
 
 def main() -> None:
     samples, shape = _subject()
     load_before = os.getloadavg()[0]
-    patched = data.PatchDataset([samples])
+    patched = PatchDataset([samples])
     pooled, t_features = _cached_dataset(samples)
     runs = {name: [] for name in ("patches", "before", "cached")}
     for _ in range(REPEATS):  # alternately, so that a slow spell of the machine hits all alike

@@ -5,7 +5,7 @@ import os
 import platform
 from pathlib import Path
 
-from subseg import io
+from subseg.core import io
 
 BENCH_JSON = Path(os.environ.get("SUBSEG_BENCH_JSON", "outputs/bench/bench.json"))
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_cohorts(tmp_path_factory):
     """The tiny synthetic source and target cohorts, generated once per test session."""
-    from subseg import synth
+    from subseg.data import synth
 
     root = tmp_path_factory.mktemp("synth")
     out = {}
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
     conv features still differ from scan to scan, which is all some tests need)."""
     import lightning as L
 
-    from subseg.lit_module import SegmentationModule
+    from subseg.training.lit_module import SegmentationModule
 
     L.seed_everything(0)
     module = SegmentationModule(dropout=0.3, lr=1e-3)

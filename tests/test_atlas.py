@@ -11,7 +11,9 @@ from conftest import REPO, affine_for, write_nifti
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from subseg import antspy, atlas, cache, cohort, io, labels
+from subseg.core import antspy, cache, io, labels
+from subseg.data import cohort
+from subseg.preprocessing import atlas
 
 
 def _atlas_cfg(name, cache_dir):

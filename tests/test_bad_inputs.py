@@ -4,7 +4,7 @@ Each row asserts the one line the user sees (``subseg: error: <file>: <what is w
 exit status (2), and that nothing was left behind: no run results, no completion marker, no
 segmentation. Warnings (labels with unknown ids or exchanged sides) assert the warning and that
 the run goes on. The entry points are called as their scripts call them: the task function
-inside :func:`subseg.io.cli_errors`, on a config composed by Hydra.
+inside :func:`subseg.core.io.cli_errors`, on a config composed by Hydra.
 """
 
 import gzip
@@ -19,10 +19,13 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from subseg import evaluation, finetuning, fitting, io, prediction, report, sides, training
-from subseg.contract import InputContract
-from subseg.lit_module import SegmentationModule
-from subseg.run_folder import RunFolder
+from subseg.core import io, sides
+from subseg.preprocessing.contract import InputContract
+from subseg.report import report
+from subseg.runs.run_folder import RunFolder
+from subseg.tasks import evaluate, finetune, predict, train
+from subseg.training import fitting
+from subseg.training.lit_module import SegmentationModule
 
 SUBJECTS = ("t000", "t001", "t002")
 BAD = "t001"  # the subject each case spoils
@@ -152,7 +155,7 @@ def test_train_refuses_a_bad_cohort_file(case, good_cohort, tmp_path, capsys):
     root, named = _cohort(tmp_path, good_cohort, case)
     run = RunFolder(tmp_path / "run")
     cfg = _compose("train", "dataset=folder", f"dataset.root={root}", "preprocess=none")
-    status, line = _fails(capsys, lambda: training.train(cfg, run.path))
+    status, line = _fails(capsys, lambda: train.train(cfg, run.path))
     expected = {**IMAGE_CASES, **LABEL_CASES}[case]
     assert status == 2 and line.startswith(f"subseg: error: {named}") and expected in line
     _nothing_written(run)
@@ -165,13 +168,13 @@ def test_finetune_and_evaluate_refuse_a_bad_cohort_file(case, good_cohort, model
     expected = {**IMAGE_CASES, **LABEL_CASES}[case]
     tuned = RunFolder(tmp_path / "tuned")
     cfg = _compose("finetune", "dataset=folder", f"dataset.root={root}", f"source_run={model.path}")
-    status, line = _fails(capsys, lambda: finetuning.finetune(cfg, tuned.path))
+    status, line = _fails(capsys, lambda: finetune.finetune(cfg, tuned.path))
     assert status == 2 and line.startswith(f"subseg: error: {named}") and expected in line
     assert not tuned.path.exists()
 
     out = RunFolder(tmp_path / "evaluated")
     cfg = _compose("evaluate", f"run_dir={model.path}", "dataset=folder", f"dataset.root={root}")
-    status, line = _fails(capsys, lambda: evaluation.evaluate(cfg, out.path))
+    status, line = _fails(capsys, lambda: evaluate.evaluate(cfg, out.path))
     assert status == 2 and line.startswith(f"subseg: error: {named}") and expected in line
     assert not out.path.exists()
 
@@ -184,7 +187,7 @@ def test_predict_refuses_a_bad_scan_before_segmenting_any(
     out = tmp_path / "pred"
     cfg = _compose("predict", f"run_dir={model.path}", f"input={root / 'images'}")
     cfg.out_dir = str(out)
-    status, line = _fails(capsys, lambda: prediction.predict(cfg))
+    status, line = _fails(capsys, lambda: predict.predict(cfg))
     assert status == 2 and line.startswith(f"subseg: error: {named}")
     assert IMAGE_CASES[case] in line
     assert not out.exists() or not any(out.iterdir())
@@ -193,7 +196,7 @@ def test_predict_refuses_a_bad_scan_before_segmenting_any(
 def test_a_missing_scan_is_one_line_for_predict(model, tmp_path, capsys):
     cfg = _compose("predict", f"run_dir={model.path}", f"input={tmp_path / 'nope.nii.gz'}")
     cfg.out_dir = str(tmp_path / "pred")
-    assert _fails(capsys, lambda: prediction.predict(cfg)) == (
+    assert _fails(capsys, lambda: predict.predict(cfg)) == (
         2,
         f"subseg: error: {tmp_path / 'nope.nii.gz'}: no such file or folder",
     )
@@ -232,9 +235,9 @@ def test_every_model_reader_refuses_a_bad_checkpoint(kind, good_cohort, model, t
         "finetune", "dataset=folder", f"dataset.root={good_cohort}", f"source_run={bad}"
     )
     for call in (
-        lambda: prediction.predict(predict_cfg),
-        lambda: evaluation.evaluate(evaluate_cfg, tmp_path / "evaluated"),
-        lambda: finetuning.finetune(finetune_cfg, tmp_path / "tuned"),
+        lambda: predict.predict(predict_cfg),
+        lambda: evaluate.evaluate(evaluate_cfg, tmp_path / "evaluated"),
+        lambda: finetune.finetune(finetune_cfg, tmp_path / "tuned"),
     ):
         status, line = _fails(capsys, call)
         assert status == 2 and line.startswith(f"subseg: error: {bad}: ")
@@ -247,7 +250,7 @@ def test_an_empty_dataset_folder_and_too_many_images(tmp_path, model, good_cohor
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
     cfg = _compose("train", "dataset=folder", f"dataset.root={empty}")
-    status, line = _fails(capsys, lambda: training.train(cfg, tmp_path / "run"))
+    status, line = _fails(capsys, lambda: train.train(cfg, tmp_path / "run"))
     assert status == 2 and line.startswith(
         f"subseg: error: {empty}: dataset 'folder' has no images"
     )
@@ -260,7 +263,7 @@ def test_an_empty_dataset_folder_and_too_many_images(tmp_path, model, good_cohor
         f"source_run={model.path}",
         "target.n_images=7",
     )
-    status, line = _fails(capsys, lambda: finetuning.finetune(cfg, tmp_path / "tuned"))
+    status, line = _fails(capsys, lambda: finetune.finetune(cfg, tmp_path / "tuned"))
     assert status == 2 and "target.n_images=7" in line and "3" in line
     assert not (tmp_path / "tuned").exists()
 
@@ -279,10 +282,10 @@ def test_an_unwritable_output_folder_is_one_line_everywhere(model, good_cohort, 
     )
     evaluate_cfg = _compose("evaluate", f"run_dir={model.path}")
     for call, folder in (
-        (lambda: prediction.predict(predict_cfg), blocker / "pred"),
-        (lambda: training.train(train_cfg, blocker / "run"), blocker / "run"),
-        (lambda: finetuning.finetune(finetune_cfg, blocker / "tuned"), blocker / "tuned"),
-        (lambda: evaluation.evaluate(evaluate_cfg, blocker / "evaluated"), blocker / "evaluated"),
+        (lambda: predict.predict(predict_cfg), blocker / "pred"),
+        (lambda: train.train(train_cfg, blocker / "run"), blocker / "run"),
+        (lambda: finetune.finetune(finetune_cfg, blocker / "tuned"), blocker / "tuned"),
+        (lambda: evaluate.evaluate(evaluate_cfg, blocker / "evaluated"), blocker / "evaluated"),
         (lambda: report.write_report([], blocker / "report"), blocker / "report"),
     ):
         assert _fails(capsys, call) == (
@@ -317,7 +320,7 @@ def test_suspicious_labels_warn_at_load_naming_the_file(
     _save(label, data, stored.affine)
     monkeypatch.setattr(sides, "_reported", set())  # warnings are once per file and process
     caplog.set_level(logging.WARNING, logger="subseg")
-    from subseg import preparation
+    from subseg.training import preparation
 
     dataset = OmegaConf.to_container(
         _compose("train", "dataset=folder", f"dataset.root={root}").dataset, resolve=True

@@ -4,7 +4,9 @@ import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from subseg import io, labels, synth, transforms
+from subseg.core import io, labels
+from subseg.data import synth
+from subseg.preprocessing import transforms
 
 
 def _n4_cfg(cache_dir, **changes):

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from subseg import bias, brain, contract, io, synth
+from subseg.core import io
+from subseg.data import synth
+from subseg.preprocessing import bias, brain, contract
 
 TINY_HEADS = {"n_subjects": 2, "seed": 7, "voxel_scale": 2.5}
 
@@ -142,7 +144,7 @@ def test_the_icbm_head_and_its_stripped_twin_get_the_same_input_and_prior(tmp_pa
     model; here the two things a model's output depends on are compared directly: the
     registered atlas prior and the standardised image.
     """
-    from subseg import atlas, transforms
+    from subseg.preprocessing import atlas, transforms
 
     head, mask, affine = synth.load_head_template()
     head_file = io.save_new(head, affine, tmp_path / "icbm_head.nii.gz")
@@ -171,7 +173,7 @@ def test_predict_extracts_a_raw_head_and_says_what_it_did(tiny_cohorts, checkpoi
     from conftest import REPO
     from hydra import compose, initialize_config_dir
 
-    from subseg import prediction
+    from subseg.tasks import predict
 
     root = tiny_cohorts["target"]
     scan = root / "images" / "t001.nii.gz"
@@ -189,7 +191,7 @@ def test_predict_extracts_a_raw_head_and_says_what_it_did(tiny_cohorts, checkpoi
                 f"++preprocess.cache_dir={tmp_path / 'cache'}",
             ],
         )
-    prediction.predict(cfg)
+    predict.predict(cfg)
     with open(tmp_path / "pred" / "qc.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["extraction"] == "deepbet" and 1.5 < float(row["brain_litres"]) < 2.6

@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO, write_nifti
 from omegaconf import OmegaConf
 
-from subseg import atlas, bias, cache, io
+from subseg.core import cache, io
+from subseg.preprocessing import atlas, bias
 
 
 def _scan(path):

@@ -6,8 +6,9 @@ from conftest import REPO, write_nifti
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from subseg import cohort, io
-from subseg.run_folder import RunFolder
+from subseg.core import io
+from subseg.data import cohort
+from subseg.runs.run_folder import RunFolder
 
 
 def _folder_cohort(root, ids, with_labels=True):

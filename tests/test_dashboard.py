@@ -1,8 +1,8 @@
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import dashboard
-from subseg.run_folder import RunFolder
+from subseg.runs import dashboard
+from subseg.runs.run_folder import RunFolder
 
 
 def _finetune(*overrides):

@@ -3,7 +3,9 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader
 
-from subseg import atlas, data, patches
+from subseg.model import patches
+from subseg.preprocessing import atlas
+from subseg.training import samples
 
 
 def _classes():
@@ -15,7 +17,7 @@ def _classes():
 
 def test_samples_are_all_structures_and_an_equal_shell():
     classes = _classes()
-    coords, targets = data.sample_voxels(classes, np.random.default_rng(0))
+    coords, targets = samples.sample_voxels(classes, np.random.default_rng(0))
     n_struct = int((classes > 0).sum())
     assert len(coords) == 2 * n_struct
     assert (targets[:n_struct] > 0).all() and (targets[n_struct:] == 0).all()
@@ -23,16 +25,16 @@ def test_samples_are_all_structures_and_an_equal_shell():
     shell = ndimage.binary_dilation(classes > 0, cross, 5) & (classes == 0)
     assert shell[tuple(coords[n_struct:].T)].all()
     assert len({tuple(c) for c in coords[n_struct:]}) == n_struct  # no repeats
-    again, _ = data.sample_voxels(classes, np.random.default_rng(0))
+    again, _ = samples.sample_voxels(classes, np.random.default_rng(0))
     np.testing.assert_array_equal(coords, again)
 
 
 def test_voxel_and_subject_level_splits():
     rng = np.random.default_rng(0)
-    train, val = data.split_indices(1000, 0.25, rng)
+    train, val = samples.split_indices(1000, 0.25, rng)
     assert len(val) == 250 and len(np.intersect1d(train, val)) == 0 and len(train) == 750
     groups = np.repeat(np.arange(4), 10)
-    train, val = data.split_indices(40, 0.25, rng, groups)
+    train, val = samples.split_indices(40, 0.25, rng, groups)
     assert len(np.unique(groups[val])) == 1 and not set(groups[val]) & set(groups[train])
 
 
@@ -41,7 +43,7 @@ def test_prior_at_voxels():
     structures = np.zeros((14, 4, 4, 4), np.float32)
     structures[2, 1, 2, 3] = 0.6
     prior = atlas.Prior(structures, np.ones((4, 4, 4), np.uint8), (slice(3, 7),) * 3, shape)
-    out = data.prior_at(prior, np.array([[4, 5, 6], [0, 0, 0], [3, 3, 3]]))
+    out = samples.prior_at(prior, np.array([[4, 5, 6], [0, 0, 0], [3, 3, 3]]))
     np.testing.assert_allclose(out[0, [0, 3]], [0.4, 0.6])
     np.testing.assert_allclose(out[1], np.eye(15)[0])  # outside the box: background
     np.testing.assert_allclose(out[2], np.eye(15)[0])
@@ -54,12 +56,12 @@ def test_batches_gather_the_right_patches():
         volume = torch.randn((20, 22, 18), generator=gen)
         coords = torch.tensor([[1, 2, 3], [10, 11, 12], [19, 21, 17]]) - i
         subjects.append(
-            data.SubjectSamples(
+            samples.SubjectSamples(
                 volume, coords, torch.tensor([0, 5, 14]), torch.full((3, 15), float(i))
             )
         )
-    dataset = data.PatchDataset(subjects, indices=np.array([0, 4, 5, 2]))
-    loader = DataLoader(dataset, batch_size=3, shuffle=False, collate_fn=data.collate_batch)
+    dataset = samples.PatchDataset(subjects, indices=np.array([0, 4, 5, 2]))
+    loader = DataLoader(dataset, batch_size=3, shuffle=False, collate_fn=samples.collate_batch)
     first = next(iter(loader))
     assert first["axial"].shape == (3, 1, 32, 32)
     assert first["target"].tolist() == [0, 5, 14]

@@ -14,9 +14,11 @@ import torch
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import inference, labels, sharding, training
-from subseg.lit_module import SegmentationModule, dice_per_structure
-from subseg.run_folder import RunFolder
+from subseg.core import labels, sharding
+from subseg.model import inference
+from subseg.runs.run_folder import RunFolder
+from subseg.tasks import train
+from subseg.training.lit_module import SegmentationModule, dice_per_structure
 
 # 7 subjects: 2 tested, 2 validated on whole volumes, 3 trained on; the atlas is registered.
 OVERRIDES = [
@@ -112,10 +114,10 @@ def test_ddp_through_train_py(tmp_path):
         logged = next(row for row in csv.DictReader(f) if row.get("val_dice_mean"))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*OVERRIDES, *paths])
-    from subseg import cohort
+    from subseg.data import cohort
 
     subjects = cohort.list_subjects(dict(cfg.dataset))
-    cached = training.run_subjects(cfg, run, subjects)
+    cached = train.run_subjects(cfg, run, subjects)
     net = SegmentationModule.load_from_checkpoint(run.last_checkpoint, map_location="cpu").net
     net.eval()
     scores = np.stack(

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from subseg import dense, model, patches
-from subseg.model import NUM_CLASSES, VIEWS, SubcorticalNet, count_trainable
+from subseg.model import dense, network, patches
+from subseg.model.network import NUM_CLASSES, VIEWS, SubcorticalNet, count_trainable
 
 
 def _randomised_eval_model(seed=0, dropout=0.5):
@@ -112,7 +112,7 @@ def test_dense_refuses_training_mode():
 
 
 def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
-    layer = model.Dropout(0.3).train()
+    layer = network.Dropout(0.3).train()
     x = torch.ones(400, 500, requires_grad=True)
     torch.manual_seed(0)
     out = layer(x)

@@ -1,6 +1,6 @@
 from importlib import metadata
 
-from subseg import environment
+from subseg.core import environment
 
 
 def test_record_names_versions_commit_and_machine(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, write_nifti
 from omegaconf import OmegaConf
 
-from subseg import atlas, cache, io
+from subseg.core import cache, io
+from subseg.preprocessing import atlas
 
 # --------------------------------------------------------------------------- header sanity
 
@@ -44,7 +45,7 @@ def _claiming(path, shape, payload=b"", dtype=np.float32):
 # the peak resident memory grew during the load.
 _ISOLATED = r"""
 import json, resource, sys
-from subseg import io
+from subseg.core import io
 
 def vm_kib():
     with open("/proc/self/status") as f:

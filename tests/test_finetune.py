@@ -11,8 +11,10 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from subseg import finetuning, io, labels, trained_model
-from subseg.run_folder import RunFolder
+from subseg.core import io, labels
+from subseg.runs import trained_model
+from subseg.runs.run_folder import RunFolder
+from subseg.tasks import finetune
 
 SOURCE = [
     "dataset=synth_tiny_source",
@@ -61,7 +63,7 @@ def _finetune(root, paths, source, run_name, *overrides):
     run = root / "out" / "finetune" / run_name
     (run / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra's own run folders
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    return finetuning.finetune(cfg, run), run
+    return finetune.finetune(cfg, run), run
 
 
 @pytest.mark.slow
@@ -248,11 +250,11 @@ def test_finetune_without_a_source_is_one_line(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}"])
     with pytest.raises(io.InputError, match="name the source model: source_run="):
-        finetuning.finetune(cfg, tmp_path / "run")
+        finetune.finetune(cfg, tmp_path / "run")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"source_run={tmp_path}"])
     with pytest.raises(io.InputError, match="neither a subseg training run folder"):
-        finetuning.finetune(cfg, tmp_path / "run")
+        finetune.finetune(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -273,7 +275,7 @@ def test_finetune_options_are_checked_in_one_line(tmp_path, overrides, message):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[*TARGET, f"paths.data_dir={tmp_path}", *overrides])
     with pytest.raises(io.InputError, match=message):
-        finetuning.finetune(cfg, tmp_path / "run")
+        finetune.finetune(cfg, tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -305,7 +307,7 @@ def test_multirun_gives_one_folder_per_point_and_the_report_gathers_them(source_
         [
             sys.executable,
             "-m",
-            "subseg.report",
+            "subseg.report.report",
             *(str(sweep / name) for name in made),
             "--out",
             str(root / "report"),
@@ -334,7 +336,8 @@ def test_adapt_to_your_scanner_suggest_label_finetune_segment_the_rest(source_ru
     """
     import shutil
 
-    from subseg import synth, transforms
+    from subseg.data import synth
+    from subseg.preprocessing import transforms
 
     root, paths, source = source_run
     params = synth.CohortParams(domain="target", n_subjects=6, seed=3, voxel_scale=2.5)

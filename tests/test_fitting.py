@@ -5,8 +5,9 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 
-from subseg import fitting, io
-from subseg.run_folder import RunFolder
+from subseg.core import io
+from subseg.runs.run_folder import RunFolder
+from subseg.training import fitting
 
 
 def _train(*overrides):

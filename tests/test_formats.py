@@ -16,7 +16,9 @@ from conftest import REPO, affine_for
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from subseg import bids, cache, cohort, io, labels, prediction
+from subseg.core import cache, io, labels
+from subseg.data import bids, cohort
+from subseg.tasks import predict
 
 ASEG = labels.raw_ids("aseg")
 
@@ -115,7 +117,7 @@ def test_a_folder_of_scans_takes_mgz_files(tmp_path):
     for name in ("a.mgz", "b.mgh", "c_seg.mgz"):
         nib.save(nib.MGHImage(image, np.eye(4)), tmp_path / name)
     nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "d.nii.gz")
-    found = prediction.input_images(tmp_path)
+    found = predict.input_images(tmp_path)
     assert [p.name for p in found] == ["a.mgz", "b.mgh", "d.nii.gz"]  # c_seg: an output's name
 
 
@@ -163,7 +165,7 @@ def test_bids_t1w_scans_are_found_and_named_as_derivatives(tmp_path):
         "sub-01/anat/sub-01_T1w.nii.gz",
         "sub-02/ses-1/anat/sub-02_ses-1_acq-fast_run-1_T1w.nii",
     ]
-    assert prediction.input_images(root) == found
+    assert predict.input_images(root) == found
     named = bids.derivative_names(root, found[1], tmp_path / "out")
     assert named.scan == "sub-02_ses-1_acq-fast_run-1_T1w"
     assert named.dseg == (
@@ -182,7 +184,7 @@ def test_bids_t1w_scans_are_found_and_named_as_derivatives(tmp_path):
     shutil.rmtree(root / "sub-02")
     (root / "sub-01").mkdir()
     with pytest.raises(io.InputError, match=r"ds: a BIDS dataset with no T1w scan"):
-        prediction.input_images(root)
+        predict.input_images(root)
 
 
 def test_one_subject_of_a_bids_dataset_is_named_as_the_dataset_names_it(tmp_path):
@@ -200,23 +202,23 @@ def test_one_subject_of_a_bids_dataset_is_named_as_the_dataset_names_it(tmp_path
     )
     shutil.copy(source, root / "sub-01" / "anat" / "sub-03_T1w.nii.gz")  # misfiled, not ours
     subject = root / "sub-02"
-    files = prediction.input_images(str(subject))
+    files = predict.input_images(str(subject))
     assert [f.relative_to(root).as_posix() for f in files] == [
         "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
         "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz",
     ]
     out = tmp_path / "out"
-    named = prediction.scan_outputs(str(subject), out, files[0])
+    named = predict.scan_outputs(str(subject), out, files[0])
     assert named.seg == out / "sub-02/ses-1/anat/sub-02_ses-1_desc-subseg_dseg.nii.gz"
-    assert named.seg == prediction.scan_outputs(str(root), out, files[0]).seg
-    assert prediction.bids_roots([str(subject), str(root / "sub-01")]) == [root]
+    assert named.seg == predict.scan_outputs(str(root), out, files[0]).seg
+    assert predict.bids_roots([str(subject), str(root / "sub-01")]) == [root]
     (root / "sub-04").mkdir()
     with pytest.raises(io.InputError, match=r"sub-04: a BIDS subject with no T1w scan"):
-        prediction.input_images(str(root / "sub-04"))
+        predict.input_images(str(root / "sub-04"))
 
 
 def test_the_output_manifest_keys_nested_files_by_their_path_in_the_folder(tmp_path):
-    from subseg.output_manifest import OutputManifest
+    from subseg.core.output_manifest import OutputManifest
 
     out = tmp_path / "out"
     nested = out / "sub-01" / "anat" / "sub-01_desc-subseg_dseg.nii.gz"
@@ -268,7 +270,7 @@ def test_a_bids_dataset_gives_a_bids_derivatives_dataset(tiny_cohorts, checkpoin
         },
     )
     out = root / "derivatives" / "subseg"  # where BIDS keeps derivatives: inside the dataset
-    rows = prediction.predict(_predict(out, checkpoint, root, "raw_ids=aseg", "probabilities=true"))
+    rows = predict.predict(_predict(out, checkpoint, root, "raw_ids=aseg", "probabilities=true"))
     scans = {  # the scan's name in volumes.csv: where its outputs are
         "sub-01_T1w": "sub-01/anat/sub-01",
         "sub-02_ses-1_acq-fast_T1w": "sub-02/ses-1/anat/sub-02_ses-1_acq-fast",
@@ -332,7 +334,7 @@ def test_a_bids_dataset_gives_a_bids_derivatives_dataset(tiny_cohorts, checkpoin
 
     # Its own files are replaced by a rerun; a segmentation corrected in the tree is not.
     dseg = out / "sub-01/anat/sub-01_desc-subseg_dseg.nii.gz"
-    prediction.predict(_predict(out, checkpoint, root, "raw_ids=aseg"))
+    predict.predict(_predict(out, checkpoint, root, "raw_ids=aseg"))
     assert not (out / "sub-01/anat/sub-01_desc-subseg_probseg.nii.gz").exists()  # not asked
     img = nib.load(dseg)
     edited = np.asarray(img.dataobj).copy()
@@ -341,7 +343,7 @@ def test_a_bids_dataset_gives_a_bids_derivatives_dataset(tiny_cohorts, checkpoin
     kept = dseg.read_bytes()
     edited_line = "sub-01_desc-subseg_dseg.nii.gz: already exists and was edited since subseg"
     with pytest.raises(io.InputError, match=edited_line):
-        prediction.predict(_predict(out, checkpoint, root))
+        predict.predict(_predict(out, checkpoint, root))
     assert dseg.read_bytes() == kept
 
     # dseg.tsv is never rewritten with other ids while segmentations holding the old ones stay.
@@ -355,7 +357,7 @@ def test_a_bids_dataset_gives_a_bids_derivatives_dataset(tiny_cohorts, checkpoin
         r"segmentation\(s\) here hold them \(first: sub-02/ses-1/anat/sub-02_ses-1_acq-fast_desc"
     )
     with pytest.raises(io.InputError, match=refused):
-        prediction.predict(_predict(out, checkpoint, other))
+        predict.predict(_predict(out, checkpoint, other))
     assert (out / "dseg.tsv").read_bytes() == before
 
 
@@ -370,7 +372,7 @@ def test_someone_elses_file_in_the_derivative_tree_is_never_replaced(
     theirs.write_bytes(b"the user's own figure")
     foreign = "sub-01_desc-subseg_dseg.png: already exists and was not written by subseg"
     with pytest.raises(io.InputError, match=foreign):
-        prediction.predict(_predict(out, checkpoint, root))
+        predict.predict(_predict(out, checkpoint, root))
     assert theirs.read_bytes() == b"the user's own figure"
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["sub-01_desc-subseg_dseg.png"]
 
@@ -406,7 +408,7 @@ def test_a_freesurfer_subject_folder_is_segmented_and_named_after_it(
     subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s000", "s001"])
     out = tmp_path / "out"
     spec = f"[{subjects / 's000'},{subjects / 's001'}]"  # two orig.mgz, two names
-    rows = prediction.predict(_predict(out, checkpoint, spec))
+    rows = predict.predict(_predict(out, checkpoint, spec))
     assert {r["subject"] for r in rows} == {"s000", "s001"}
     for sid in ("s000", "s001"):
         orig = nib.load(subjects / sid / "mri" / "orig.mgz")
@@ -417,7 +419,7 @@ def test_a_freesurfer_subject_folder_is_segmented_and_named_after_it(
     # The same subject name from two SUBJECTS_DIRs: their outputs would overwrite each other.
     twin = _subjects_dir(tmp_path / "elsewhere", tiny_cohorts, ["s000"])
     with pytest.raises(io.InputError, match=r"orig.mgz: has the same name as .*s000/mri/orig.mgz"):
-        prediction.predict(_predict(out, checkpoint, f"[{subjects / 's000'},{twin / 's000'}]"))
+        predict.predict(_predict(out, checkpoint, f"[{subjects / 's000'},{twin / 's000'}]"))
 
 
 def test_a_subjects_dir_is_its_subjects(tiny_cohorts, tmp_path):
@@ -425,21 +427,21 @@ def test_a_subjects_dir_is_its_subjects(tiny_cohorts, tmp_path):
     subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s001", "s000"])
     shutil.copytree(subjects / "s000", subjects / "fsaverage")  # recon-all links it in
     (subjects / "notes").mkdir()  # a folder that is not a subject
-    files = prediction.input_images(str(subjects))
+    files = predict.input_images(str(subjects))
     assert files == [subjects / sid / "mri" / "orig.mgz" for sid in ("s000", "s001")]
-    outputs = [prediction.scan_outputs(str(subjects), tmp_path / "out", f) for f in files]
+    outputs = [predict.scan_outputs(str(subjects), tmp_path / "out", f) for f in files]
     assert [o.name for o in outputs] == ["s000", "s001"]
     assert outputs[0].seg == tmp_path / "out" / "s000_seg.nii.gz"
     # fMRIPrep's freesurfer/ names its subjects sub-X: a SUBJECTS_DIR still, not a BIDS dataset.
     fmriprep = _subjects_dir(tmp_path / "freesurfer", tiny_cohorts, ["s000"])
     (fmriprep / "s000").rename(fmriprep / "sub-01")
-    files = prediction.input_images(str(fmriprep))
+    files = predict.input_images(str(fmriprep))
     assert files == [fmriprep / "sub-01" / "mri" / "orig.mgz"]
-    assert prediction.bids_roots([str(fmriprep)]) == []
-    assert prediction.scan_outputs(str(fmriprep), tmp_path, files[0]).name == "sub-01"
+    assert predict.bids_roots([str(fmriprep)]) == []
+    assert predict.scan_outputs(str(fmriprep), tmp_path, files[0]).name == "sub-01"
     with pytest.raises(io.InputError, match=r"empty: no \.nii.*nor FreeSurfer subject folders"):
         (tmp_path / "empty").mkdir()
-        prediction.input_images(str(tmp_path / "empty"))
+        predict.input_images(str(tmp_path / "empty"))
 
 
 def _dataset(name, *overrides):
@@ -499,7 +501,7 @@ def test_freesurfer_and_bids_cohorts_are_listed(tiny_cohorts, tmp_path):
 
 @pytest.mark.slow
 def test_a_freesurfer_subjects_dir_fine_tunes(tiny_cohorts, checkpoint, tmp_path):
-    from subseg import finetuning
+    from subseg.tasks import finetune
 
     source = tiny_cohorts["source"]
     subjects = _subjects_dir(tmp_path / "subjects", tiny_cohorts, ["s000", "s001", "s002"])
@@ -521,7 +523,7 @@ def test_a_freesurfer_subjects_dir_fine_tunes(tiny_cohorts, checkpoint, tmp_path
     run = tmp_path / "out" / "finetune" / "fs"
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    summary = finetuning.finetune(cfg, run)
+    summary = finetune.finetune(cfg, run)
     splits = json.loads((run / "splits.json").read_text())
     assert summary["method"] == "tl1" and summary["n_subjects"] == 2
     assert len(splits["train"]) == 1 and sorted(splits["train"] + splits["test"]) == [

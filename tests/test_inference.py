@@ -1,8 +1,9 @@
 import numpy as np
 import torch
 
-from subseg import atlas, inference
-from subseg.model import SubcorticalNet
+from subseg.model import inference
+from subseg.model.network import SubcorticalNet
+from subseg.preprocessing import atlas
 
 
 def test_postprocessing_keeps_the_atlas_supported_component():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import affine_for, write_nifti
 
-from subseg import io
+from subseg.core import io
 
 
 def _brain(shape=(9, 10, 11), seed=0):

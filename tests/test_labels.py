@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from subseg import labels
+from subseg.core import labels
 
 # docs/method.md §1, row by row: class, structure, MICCAI 2012, aseg, CerebrA.
 METHOD_TABLE = [

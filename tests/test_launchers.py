@@ -17,8 +17,9 @@ from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
 from omegaconf import open_dict
 
-from subseg import job_threads, report, start_method
-from subseg.model import SubcorticalNet
+from subseg.core import job_threads, start_method
+from subseg.model.network import SubcorticalNet
+from subseg.report import report
 
 # Fine-tuning on the session's tiny target cohort (tests/conftest.py) as a plain folder, with a
 # tiny recipe. No N4 and no atlas, so its jobs start no ITK process pools: starting a pool in a

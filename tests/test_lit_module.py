@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from subseg import data
-from subseg.lit_module import SegmentationModule
-from subseg.model import CONV_FEATURES, VIEWS
+from subseg.model.network import CONV_FEATURES, VIEWS
+from subseg.training import samples
+from subseg.training.lit_module import SegmentationModule
 
 
 class _StepLosses(L.Callback):
@@ -27,11 +27,11 @@ def test_epoch_means_weigh_every_sample_once():
     features = torch.randn(n, CONV_FEATURES * len(VIEWS)).half()
     prior = torch.softmax(torch.randn(n, 15), dim=1)
     targets = torch.randint(0, 15, (n,))
-    pooled = data.FeatureDataset(features, prior, targets)
+    pooled = samples.FeatureDataset(features, prior, targets)
     train_idx, val_idx = np.arange(0, 230), np.arange(230, n)  # 230 = 3 × 64 + 38
 
     def loader(indices):
-        return DataLoader(pooled.subset(indices), batch_size=64, collate_fn=data.collate_batch)
+        return DataLoader(pooled.subset(indices), batch_size=64, collate_fn=samples.collate_batch)
 
     module = SegmentationModule(dropout=0.3, lr=1e-3)
     recorder = _StepLosses()

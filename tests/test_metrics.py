@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from subseg import metrics
+from subseg.evaluation import metrics
 
 
 def _maps():

@@ -22,8 +22,11 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from subseg import cohort, evaluation, finetuning, inference, io, labels, prediction, sides
-from subseg.run_folder import RunFolder
+from subseg.core import io, labels, sides
+from subseg.data import cohort
+from subseg.model import inference
+from subseg.runs.run_folder import RunFolder
+from subseg.tasks import evaluate, finetune, predict
 
 
 def _compose(name, *overrides):
@@ -144,7 +147,7 @@ def _hold_lock(folder):
     """Another process holding ``folder``'s lock until it is killed."""
     code = (
         "import sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from subseg.folder_lock import FolderLock; FolderLock(sys.argv[2]).acquire();"
+        "from subseg.core.folder_lock import FolderLock; FolderLock(sys.argv[2]).acquire();"
         "print('held', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(
@@ -204,9 +207,9 @@ def test_3_predict_never_replaces_a_manual_label(tiny_cohorts, checkpoint, tmp_p
     manual = (scans / "sub01_seg.nii.gz").read_bytes()
     for image in (scans / "sub01.nii.gz", scans):  # a file, and the folder (label beside it)
         with pytest.raises(io.InputError, match="out_dir is the input folder"):
-            prediction.predict(_predict_cfg(scans, checkpoint, image))
+            predict.predict(_predict_cfg(scans, checkpoint, image))
         with pytest.raises(io.InputError, match="out_dir holds the input folder"):
-            prediction.predict(_predict_cfg(tmp_path, checkpoint, image))
+            predict.predict(_predict_cfg(tmp_path, checkpoint, image))
     # From the command line too: Hydra writes no .hydra/ or log file into out_dir first.
     refused = subprocess.run(
         [sys.executable, str(REPO / "predict.py"), f"ckpt={checkpoint}", f"input={scans}",
@@ -225,13 +228,13 @@ def test_3_predict_never_replaces_a_manual_label(tiny_cohorts, checkpoint, tmp_p
     foreign = out / "sub01_qc.png"
     foreign.write_bytes(b"the user's own figure")
     with pytest.raises(io.InputError, match="sub01_qc.png: already exists and was not written"):
-        prediction.predict(_predict_cfg(out, checkpoint, scans))
+        predict.predict(_predict_cfg(out, checkpoint, scans))
     assert foreign.read_bytes() == b"the user's own figure"
     assert not (out / "sub01_seg.nii.gz").exists()
     foreign.unlink()
-    rows = prediction.predict(_predict_cfg(out, checkpoint, scans))
+    rows = predict.predict(_predict_cfg(out, checkpoint, scans))
     assert {r["subject"] for r in rows} == {"sub01"}  # sub01_seg was not a scan
-    prediction.predict(_predict_cfg(out, checkpoint, scans))  # again: its own files, replaced
+    predict.predict(_predict_cfg(out, checkpoint, scans))  # again: its own files, replaced
     manifest = json.loads((out / ".subseg-outputs.json").read_text())["files"]
     assert {"sub01_seg.nii.gz", "sub01_qc.png", "volumes.csv", "qc.csv"} <= set(manifest)
 
@@ -243,7 +246,7 @@ def test_3_predict_never_replaces_a_manual_label(tiny_cohorts, checkpoint, tmp_p
     nib.save(nib.Nifti1Image(edited, img.affine, img.header), corrected)
     kept = corrected.read_bytes()
     with pytest.raises(io.InputError, match="was edited since subseg wrote it"):
-        prediction.predict(_predict_cfg(out, checkpoint, scans))
+        predict.predict(_predict_cfg(out, checkpoint, scans))
     assert corrected.read_bytes() == kept
 
 
@@ -255,7 +258,7 @@ def test_3_two_predicts_into_one_out_dir_never_mix(tiny_cohorts, checkpoint, tmp
         with pytest.raises(
             io.InputError, match=rf"this out_dir is being written by pid {holder.pid}"
         ):
-            prediction.predict(_predict_cfg(out, checkpoint, image))
+            predict.predict(_predict_cfg(out, checkpoint, image))
         assert not (out / "t001_seg.nii.gz").exists()
         assert not (out / ".subseg-outputs.json").exists()
     finally:
@@ -293,7 +296,7 @@ def test_3_two_predict_commands_at_once_leave_one_consistent_manifest(
         assert code == 0 or (code == 2 and "this out_dir is being written by pid" in err), err
     assert any(code == 0 for code, _ in results)
     manifest = json.loads((out / ".subseg-outputs.json").read_text())["files"]
-    from subseg.cache import file_digest
+    from subseg.core.cache import file_digest
 
     for name, digest in manifest.items():  # every listed file is on disk as it was written
         assert file_digest(out / name) == digest, name
@@ -325,12 +328,12 @@ def test_5_evaluating_on_the_source_cohort_uses_its_test_split(tiny_cohorts, tmp
     tuned.finish("finetune", "1" * 16, {"dataset": target, "source_run": str(upstream.path)})
     cfg = _compose("evaluate", f"run_dir={tuned.path}", "dataset=folder",
                    f"dataset.root={tiny_cohorts['source']}")  # fmt: skip
-    dataset, test_ids = evaluation._test_split(cfg, tuned, tuned.checkpoint)
+    dataset, test_ids = evaluate._test_split(cfg, tuned, tuned.checkpoint)
     assert dataset["root"] == str(tiny_cohorts["source"])
     assert test_ids == ["s002"]  # the source's test scan, never its training scans
     own = _compose("evaluate", f"run_dir={tuned.path}", "dataset=folder",
                    f"dataset.root={tiny_cohorts['target']}")  # fmt: skip
-    assert evaluation._test_split(own, tuned, tuned.checkpoint)[1] == ["t001", "t002"]
+    assert evaluate._test_split(own, tuned, tuned.checkpoint)[1] == ["t001", "t002"]
     assert cohort.same_cohort(target, {**target, "root": str(tiny_cohorts["target"]) + "/"})
     assert not cohort.same_cohort(source, target)
 
@@ -382,7 +385,7 @@ def test_7_raw_ids_are_written_as_themselves(tiny_cohorts, checkpoint, tmp_path,
     cfg = _predict_cfg(tmp_path / "out", checkpoint, image)
     with open_dict(cfg):
         cfg.raw_ids = protocol
-    prediction.predict(cfg)
+    predict.predict(cfg)
     written = np.unique(np.asarray(nib.load(tmp_path / "out" / "t001_seg.nii.gz").dataobj))
     assert set(written) == {0, *protocol.values()}  # 40001 stays 40001, not -25535
     assert labels.raw_dtype("aseg") == np.uint8 and labels.raw_dtype(protocol) == np.int32
@@ -399,7 +402,7 @@ def test_9_ids_that_are_not_plain_file_names_are_refused(bad, tiny_cohorts, tmp_
     with open_dict(cfg):
         cfg.target.ids = [bad]
     with pytest.raises(io.InputError, match="target.ids: scan id .* is not a plain file name"):
-        finetuning.check_options(cfg)
+        finetune.check_options(cfg)
     dataset = {**_folder_cohort(tiny_cohorts["target"]), "ids": [bad]}
     with pytest.raises(io.InputError, match="is not a plain file name"):
         cohort.list_subjects(dataset)
@@ -420,7 +423,7 @@ def test_10_side_warnings_and_extraction_are_recorded_per_scan(
 
     monkeypatch.setattr(sides, "side_warning", second_scan_swapped)
     folder = tiny_cohorts["source"] / "images"
-    prediction.predict(_predict_cfg(tmp_path / "out", checkpoint, folder))
+    predict.predict(_predict_cfg(tmp_path / "out", checkpoint, folder))
     with open(tmp_path / "out" / "qc.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert table[0]["subject"] == "s001" and table[0]["warnings"] == swapped
@@ -432,7 +435,7 @@ def test_10_side_warnings_and_extraction_are_recorded_per_scan(
 
 
 def test_lock_file_names_its_holder(tmp_path):
-    from subseg.folder_lock import FolderLock
+    from subseg.core.folder_lock import FolderLock
 
     with FolderLock(tmp_path / "f") as lock:
         record = lock.holder()

@@ -2,8 +2,8 @@ import matplotlib.image as mpimg
 import numpy as np
 from matplotlib.figure import Figure
 
-from subseg import overlay
-from subseg.labels import STRUCTURES
+from subseg.core import overlay
+from subseg.core.labels import STRUCTURES
 
 
 def _phantom():

@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import io, labels, prediction
+from subseg.core import io, labels
+from subseg.tasks import predict
 
 
 def _cfg(tmp_path, *overrides):
@@ -17,7 +18,7 @@ def _cfg(tmp_path, *overrides):
 def test_prediction_comes_back_on_the_input_grid(tiny_cohorts, checkpoint, tmp_path):
     image = tiny_cohorts["target"] / "images" / "t001.nii.gz"
     assert nib.aff2axcodes(nib.load(image).affine) == ("L", "I", "A")
-    rows = prediction.predict(
+    rows = predict.predict(
         _cfg(
             tmp_path,
             f"ckpt={checkpoint}",
@@ -47,20 +48,20 @@ def test_prediction_comes_back_on_the_input_grid(tiny_cohorts, checkpoint, tmp_p
 
 def test_folder_input_and_bad_inputs(tiny_cohorts, checkpoint, tmp_path):
     folder = tiny_cohorts["source"] / "images"
-    rows = prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    rows = predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
     assert len({r["subject"] for r in rows}) == 3
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(io.InputError, match="broken.ckpt: not a readable subseg checkpoint"):
-        prediction.predict(_cfg(tmp_path, f"ckpt={broken}", f"input={folder}", "atlas=none"))
+        predict.predict(_cfg(tmp_path, f"ckpt={broken}", f"input={folder}", "atlas=none"))
     with pytest.raises(io.InputError, match="no such file or folder"):
-        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={tmp_path / 'x.nii'}"))
+        predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={tmp_path / 'x.nii'}"))
 
 
 def test_qc_csv_ranks_the_scans_and_names_the_ones_to_check_first(
     tiny_cohorts, checkpoint, tmp_path, monkeypatch, capsys
 ):
-    from subseg import quality
+    from subseg.evaluation import quality
 
     real = quality.structure_scores
     calls = []
@@ -74,7 +75,7 @@ def test_qc_csv_ranks_the_scans_and_names_the_ones_to_check_first(
 
     monkeypatch.setattr(quality, "structure_scores", one_scan_off)
     folder = tiny_cohorts["source"] / "images"
-    prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
     with open(tmp_path / "pred" / "qc.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["subject"] for r in table] == ["s001", "s000", "s002"]  # the likeliest wrong first
@@ -92,14 +93,14 @@ def test_a_batch_is_checked_before_any_scan_is_segmented(tiny_cohorts, checkpoin
     twin.parent.mkdir()
     twin.write_bytes(scan.read_bytes())
     with pytest.raises(io.InputError, match="same name as .* would overwrite each other"):
-        prediction.predict(
+        predict.predict(
             _cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{twin}]", "atlas=none")
         )
     broken = tmp_path / "bad" / "zz.nii.gz"
     broken.parent.mkdir()
     broken.write_bytes(b"not a nifti")
     with pytest.raises(io.InputError, match="zz.nii.gz: cannot be read as NIfTI"):
-        prediction.predict(
+        predict.predict(
             _cfg(tmp_path, f"ckpt={checkpoint}", f"input=[{scan},{broken}]", "atlas=none")
         )
     assert not (tmp_path / "pred" / "s000_seg.nii.gz").exists()  # nothing segmented first
@@ -109,7 +110,7 @@ def test_a_scan_that_fails_is_skipped_and_the_batch_finishes(
     tiny_cohorts, checkpoint, tmp_path, monkeypatch
 ):
     folder = tiny_cohorts["source"] / "images"
-    segment = prediction.segment_scan
+    segment = predict.segment_scan
 
     def fails_on_s001(net, prepare, path, cfg, out_dir, manifest, *rest):
         if path.name == "s001.nii.gz":  # fails after writing part of its outputs
@@ -118,10 +119,10 @@ def test_a_scan_that_fails_is_skipped_and_the_batch_finishes(
             raise RuntimeError("registration diverged\nlong library detail")
         return segment(net, prepare, path, cfg, out_dir, manifest, *rest)
 
-    monkeypatch.setattr(prediction, "segment_scan", fails_on_s001)
+    monkeypatch.setattr(predict, "segment_scan", fails_on_s001)
     out = tmp_path / "pred"
     with pytest.raises(io.InputError, match=r"1 of 3 scans failed and were skipped"):
-        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+        predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == [
         "s000_seg.nii.gz",
         "s002_seg.nii.gz",
@@ -133,8 +134,8 @@ def test_a_scan_that_fails_is_skipped_and_the_batch_finishes(
     assert failure["scan"].endswith("s001.nii.gz")
     assert failure["error"] == "RuntimeError: registration diverged"
 
-    monkeypatch.setattr(prediction, "segment_scan", segment)  # fixed: the rerun is clean
-    prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+    monkeypatch.setattr(predict, "segment_scan", segment)  # fixed: the rerun is clean
+    predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
     assert not (out / "failures.csv").exists() and (out / "s001_seg.nii.gz").is_file()
 
 
@@ -146,10 +147,10 @@ def test_a_full_disk_stops_the_batch_with_one_line(
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "pred" / "x"))
 
-    monkeypatch.setattr(prediction, "segment_scan", disk_full)
+    monkeypatch.setattr(predict, "segment_scan", disk_full)
     folder = tiny_cohorts["source"] / "images"
     with pytest.raises(SystemExit) as exit_, io.cli_errors():
-        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
+        predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={folder}", "atlas=none"))
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
@@ -164,7 +165,7 @@ def test_an_unwritable_output_folder_is_one_line(tiny_cohorts, checkpoint, tmp_p
     cfg = _cfg(tmp_path, f"ckpt={checkpoint}", f"input={scan}", "atlas=none")
     cfg.out_dir = str(blocker / "pred")
     with pytest.raises(io.InputError, match=r"a_file/pred: cannot write here \(Not a directory\)"):
-        prediction.predict(cfg)
+        predict.predict(cfg)
 
 
 def test_a_segmentation_with_its_sides_exchanged_is_warned(
@@ -172,7 +173,7 @@ def test_a_segmentation_with_its_sides_exchanged_is_warned(
 ):
     import logging
 
-    from subseg import sides
+    from subseg.core import sides
 
     scan = tiny_cohorts["target"] / "images" / "t001.nii.gz"
     label = io.load_label(tiny_cohorts["target"] / "labels" / "t001.nii.gz", warn=False)
@@ -181,7 +182,7 @@ def test_a_segmentation_with_its_sides_exchanged_is_warned(
     for segmentation, warned in ((truth, False), (truth[::-1].copy(), True)):
         monkeypatch.setattr(sides, "_reported", set())
         monkeypatch.setattr(
-            prediction.inference,
+            predict.inference,
             "segment",
             lambda net, volume, prior, *a, s=segmentation, **k: (
                 s,
@@ -189,7 +190,7 @@ def test_a_segmentation_with_its_sides_exchanged_is_warned(
             ),
         )
         caplog.clear()
-        prediction.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={scan}", "atlas=none"))
+        predict.predict(_cfg(tmp_path, f"ckpt={checkpoint}", f"input={scan}", "atlas=none"))
         found = [r.getMessage() for r in caplog.records if "lies left of" in r.getMessage()]
         assert bool(found) == warned
     assert found[0].startswith(f"subseg: warning: {scan}: right ")

@@ -1,7 +1,7 @@
 import pytest
 
-from subseg import protocol
-from subseg.labels import STRUCTURES
+from subseg.core.labels import STRUCTURES
+from subseg.tasks import protocol
 
 
 def _method(avg, bump=None):
@@ -50,7 +50,7 @@ class _Trainer:
 def test_fit_record_says_what_stopped_training():
     from lightning.pytorch.callbacks import Timer
 
-    from subseg import fitting
+    from subseg.training import fitting
 
     recipe = {"max_epochs": 10, "max_time": "00:00:01:00"}
     spent = Timer(duration="00:00:00:01")

@@ -1,8 +1,8 @@
 import numpy as np
 
-from subseg import quality
-from subseg.atlas import Prior
-from subseg.labels import NUM_CLASSES, STRUCTURES
+from subseg.core.labels import NUM_CLASSES, STRUCTURES
+from subseg.evaluation import quality
+from subseg.preprocessing.atlas import Prior
 
 
 def _case(shape=(12, 12, 12)):

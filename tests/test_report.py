@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import yaml
 
-from subseg import cache, io, method_keys, metrics, report, stats
-from subseg.labels import STRUCTURES
-from subseg.run_folder import RunFolder
+from subseg.core import cache, io
+from subseg.core.labels import STRUCTURES
+from subseg.evaluation import metrics, stats
+from subseg.report import report
+from subseg.runs import method_keys
+from subseg.runs.run_folder import RunFolder
 
 
 def _run_folder(root, method, k, draw, dice_by_subject, source=None):
@@ -112,7 +115,7 @@ def test_method_families():
 
 
 def test_report_names_the_software_each_run_was_made_with(tmp_path):
-    from subseg.run_folder import RunFolder
+    from subseg.runs.run_folder import RunFolder
 
     runs = tmp_path / "runs"
     first = _run_folder(runs, "no_tl", 0, 0, {"t1": 0.5, "t2": 0.6})

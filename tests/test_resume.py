@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from subseg.run_folder import RunFolder
+from subseg.runs.run_folder import RunFolder
 
 TINY = [
     "dataset=synth_tiny_source",
@@ -31,7 +31,7 @@ import lightning
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
-from subseg import evaluation, finetuning, training
+from subseg.tasks import evaluate, finetune, train
 
 conf_dir, task, run_dir, kill_epoch, kill_batch, *overrides = sys.argv[1:] or [""] * 5
 
@@ -56,12 +56,12 @@ def killed_in_testing(*args, **kwargs):  # after the fit, before the results
 if __name__ == "__main__":  # worker pools re-import this file
     lightning.Trainer.__init__ = with_kill
     if kill_epoch == "testing":
-        evaluation.publish = killed_in_testing
+        evaluate.publish = killed_in_testing
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose(task, overrides=overrides)
     (Path(run_dir) / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra records a run
     OmegaConf.save(cfg, Path(run_dir) / ".hydra" / "config.yaml", resolve=True)
-    (training.train if task == "train" else finetuning.finetune)(cfg, run_dir)
+    (train.train if task == "train" else finetune.finetune)(cfg, run_dir)
 """
 
 
@@ -125,7 +125,14 @@ def test_a_killed_run_is_refused_as_a_source_and_skipped_by_the_report(runs, tmp
     assert not list((tmp_path / "out").rglob("summary.json"))
 
     report = subprocess.run(
-        [sys.executable, "-m", "subseg.report", str(killed.path), "--out", str(tmp_path / "r")],
+        [
+            sys.executable,
+            "-m",
+            "subseg.report.report",
+            str(killed.path),
+            "--out",
+            str(tmp_path / "r"),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -4,10 +4,11 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import contract as contracts
-from subseg import io, trained_model
-from subseg.contract import InputContract
-from subseg.run_folder import RunFolder
+from subseg.core import io
+from subseg.preprocessing import contract as contracts
+from subseg.preprocessing.contract import InputContract
+from subseg.runs import trained_model
+from subseg.runs.run_folder import RunFolder
 
 
 def _cfg(name, *overrides):
@@ -131,7 +132,7 @@ def test_starting_a_run_clears_its_marker_and_old_results_first(tmp_path):
 
 
 def test_the_config_hash_ignores_where_and_how_fast(tmp_path):
-    from subseg.run_folder import config_hash
+    from subseg.runs.run_folder import config_hash
 
     base = _cfg("finetune", "source_run=x", "preprocess=n4", "atlas=harvard_oxford")
     same = _cfg(

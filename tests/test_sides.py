@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import affine_for
 
-from subseg import io, labels, sides
+from subseg.core import io, labels, sides
 
 ASEG_MIRRORED = {
     name: labels.raw_ids("aseg")[

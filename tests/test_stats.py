@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from subseg import stats
+from subseg.evaluation import stats
 
 
 def _rows(values, subjects=("a", "b", "c", "d", "e"), structures=("x", "y", "z")):

@@ -6,7 +6,9 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import cohort, finetuning, io, suggestion
+from subseg.core import io
+from subseg.data import cohort
+from subseg.tasks import finetune, suggest
 
 
 def test_the_medoid_comes_first_and_each_next_pick_covers_what_the_others_miss():
@@ -16,7 +18,7 @@ def test_the_medoid_comes_first_and_each_next_pick_covers_what_the_others_miss()
     points = np.concatenate([big, small])
     ids = [f"b{i}" for i in range(6)] + [f"s{i}" for i in range(3)]
     d = np.linalg.norm(points[:, None] - points[None], axis=2)
-    rows = suggestion.coverage_ranking(ids, d)
+    rows = suggest.coverage_ranking(ids, d)
     assert [r["rank"] for r in rows] == list(range(1, 10)) and sorted(
         r["scan"] for r in rows
     ) == ids
@@ -31,10 +33,10 @@ def test_the_medoid_comes_first_and_each_next_pick_covers_what_the_others_miss()
     # unstandardised, it would make a small-group scan the medoid.
     ramp = 1000.0 * np.array([0, 3, 0, 3, 0, 3, 1.5, 1.5, 1.5])
     features = {i: np.append(p, r) for i, p, r in zip(ids, points, ramp, strict=True)}
-    ordered, distances = suggestion.distances(features)
+    ordered, distances = suggest.distances(features)
     assert ordered == sorted(ids) and np.allclose(distances, distances.T)
     assert np.allclose(np.diag(distances), 0.0)
-    scaled = suggestion.coverage_ranking(ordered, distances)
+    scaled = suggest.coverage_ranking(ordered, distances)
     assert scaled[0]["scan"].startswith("b") and scaled[1]["scan"].startswith("s")
 
 
@@ -50,7 +52,7 @@ def _suggest(folder, checkpoint, out):
                 "preprocess=none",
             ],
         )
-    suggestion.suggest(cfg)
+    suggest.suggest(cfg)
     return (out / "suggest.csv").read_text()
 
 
@@ -70,13 +72,13 @@ def test_suggest_is_deterministic_and_reads_no_labels(tiny_cohorts, checkpoint, 
         "label": "labels/{id}.nii.gz",
         "label_ids": "aseg",
     }
-    from subseg.contract import contract_from_options
+    from subseg.preprocessing.contract import contract_from_options
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         options = compose("finetune", overrides=["preprocess=none"])
     contract = contract_from_options(options, "")
     subjects = cohort.list_subjects(dataset, require_labels=False)
-    rows, _, _ = finetuning._suggest(dataset, subjects, checkpoint, contract)
+    rows, _, _ = finetune._suggest(dataset, subjects, checkpoint, contract)
     assert [r["scan"] for r in rows] == [r["scan"] for r in ranking]
 
     shutil.rmtree(folder / "labels")  # the candidates' labels gone: nothing changes
@@ -87,7 +89,7 @@ def test_suggest_refuses_what_it_cannot_rank_in_one_line(tiny_cohorts, checkpoin
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("suggest", overrides=[f"input={tiny_cohorts['target'] / 'images'}"])
         with pytest.raises(io.InputError, match="name the source model: source_run="):
-            suggestion.suggest(cfg)
+            suggest.suggest(cfg)
         cfg = compose(
             "suggest",
             overrides=[
@@ -97,4 +99,4 @@ def test_suggest_refuses_what_it_cannot_rank_in_one_line(tiny_cohorts, checkpoin
             ],
         )
         with pytest.raises(io.InputError, match="n=9: give how many scans you will label, 1 to 3"):
-            suggestion.suggest(cfg)
+            suggest.suggest(cfg)

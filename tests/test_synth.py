@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from subseg import labels, synth
+from subseg.core import labels
+from subseg.data import synth
 
 TINY = dict(n_subjects=3, seed=0, voxel_scale=2.5)
 

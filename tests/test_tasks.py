@@ -7,7 +7,9 @@ import pytest
 from conftest import REPO, write_nifti
 from hydra import compose, initialize_config_dir
 
-from subseg import cohort_preview, io, labels, method_keys
+from subseg.core import io, labels
+from subseg.report import cohort_preview
+from subseg.runs import method_keys
 
 TINY = ["dataset@source=synth_tiny_source", "dataset@target=synth_tiny_target"]
 

@@ -8,10 +8,11 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from subseg import labels, training
-from subseg.evaluation import COLUMNS
-from subseg.lit_module import SegmentationModule
-from subseg.model import count_trainable
+from subseg.core import labels
+from subseg.model.network import count_trainable
+from subseg.tasks import train
+from subseg.tasks.evaluate import COLUMNS
+from subseg.training.lit_module import SegmentationModule
 
 TINY = [
     "dataset=synth_tiny_source",
@@ -33,7 +34,7 @@ def _cfg(tmp_path, *overrides):
 @pytest.mark.slow
 def test_training_writes_the_run_folder_contract(tmp_path):
     run = tmp_path / "run"
-    summary = training.train(_cfg(tmp_path, "logger=csv"), run)
+    summary = train.train(_cfg(tmp_path, "logger=csv"), run)
 
     assert {"avg", "wavg", "per_structure", "checkpoint"} <= set(summary)
     assert json.loads((run / "summary.json").read_text())["avg"] == summary["avg"]

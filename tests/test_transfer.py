@@ -6,8 +6,16 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from subseg import data, io, transfer
-from subseg.lit_module import SegmentationModule
+from subseg.core import io
+from subseg.training import transfer
+from subseg.training.lit_module import SegmentationModule
+from subseg.training.samples import (
+    PatchDataset,
+    SubjectSamples,
+    collate_batch,
+    sample_voxels,
+    split_indices,
+)
 
 
 def _preset(name, **changes):
@@ -100,9 +108,9 @@ def _tiny_samples(seed=0):
     classes[10:16, 12:18, 9:13] = 3
     classes[20:25, 14:19, 15:20] = 8
     rng = np.random.default_rng(seed)
-    coords, targets = data.sample_voxels(classes, rng)
+    coords, targets = sample_voxels(classes, rng)
     prior = np.full((len(coords), 15), 1 / 15, np.float32)
-    return data.SubjectSamples(
+    return SubjectSamples(
         volume, torch.from_numpy(coords), torch.from_numpy(targets), torch.from_numpy(prior)
     )
 
@@ -115,8 +123,8 @@ def _one_epoch(cached: bool):
     if cached:
         pooled = transfer.feature_dataset(module.net, samples)
     else:
-        pooled = data.PatchDataset(samples)
-    train_idx, val_idx = data.split_indices(len(pooled), 0.25, np.random.default_rng(0))
+        pooled = PatchDataset(samples)
+    train_idx, val_idx = split_indices(len(pooled), 0.25, np.random.default_rng(0))
     norms_before = {k: v.clone() for k, v in module.net.state_dict().items() if "running" in k}
     L.seed_everything(1)
     trainer = L.Trainer(
@@ -131,7 +139,7 @@ def _one_epoch(cached: bool):
 
     def loader(indices, shuffle):
         return DataLoader(
-            pooled.subset(indices), batch_size=32, shuffle=shuffle, collate_fn=data.collate_batch
+            pooled.subset(indices), batch_size=32, shuffle=shuffle, collate_fn=collate_batch
         )
 
     trainer.fit(module, loader(train_idx, True), loader(val_idx, False))

@@ -5,7 +5,8 @@ from conftest import affine_for, write_nifti
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 from scipy import ndimage
 
-from subseg import io, labels, transforms
+from subseg.core import io, labels
+from subseg.preprocessing import transforms
 
 
 def _subject(tiny_cohorts, domain="target"):

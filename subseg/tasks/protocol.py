@@ -1,0 +1,317 @@
+"""The paper's protocol end to end, as ``make demo`` runs it on the synthetic cohorts.
+
+Train a source model (or reuse a finished one), run every method of ``cfg.methods`` as a
+fine-tuning run (No TL, TL-k, scratch-k, Nyúl …: each one a set of ``finetune.py`` overrides,
+not code), gather them with :mod:`subseg.report.report`, and check the paper's qualitative findings.
+Each step is the same function the entry points call, on a config composed by Hydra.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from subseg.core import io
+from subseg.data import cohort
+from subseg.preprocessing import brain
+from subseg.preprocessing.contract import as_dict
+from subseg.report import report
+from subseg.runs.run_folder import RunFolder, run_hash
+from subseg.tasks import finetune, train
+
+
+def _compose(name: str, overrides: list[str], run: RunFolder) -> DictConfig:
+    """Compose a task config and record it in the run folder, as Hydra's own runs do."""
+    cfg = compose(name, overrides=overrides)
+    run.config_file.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run.config_file, resolve=True)
+    return cfg
+
+
+def findings(methods: Mapping[str, Mapping]) -> list[dict]:
+    """The paper's qualitative findings, each checked on the methods' Avg Dice.
+
+    Returns:
+        One dict per finding that the methods allow checking: ``claim``, ``holds``, ``values``
+        (the claimed-better method first) and, for one that does not hold, ``per_structure``:
+        the claimed-better method's Dice minus the other's for each structure, largest first —
+        the evidence of where the claim fails.
+    """
+    avg = {m: s["avg"] for m, s in methods.items()}
+    checks = [  # (claim, claimed better, other, test on their Avg Dice)
+        (
+            "No TL clearly below TL-1 (by >= 0.10 Avg Dice)",
+            "tl1",
+            "no_tl",
+            lambda b, o: b - o >= 0.10,
+        ),
+        ("TL-3 >= TL-1", "tl3", "tl1", lambda b, o: b >= o),
+        ("TL-3 > scratch-3", "tl3", "scratch3", lambda b, o: b > o),
+        ("Nyúl No TL > plain No TL", "nyul_no_tl", "no_tl", lambda b, o: b > o),
+    ]
+    out = []
+    for claim, better, other, test in checks:
+        if better not in avg or other not in avg:
+            continue
+        finding = {
+            "claim": claim,
+            "holds": bool(test(avg[better], avg[other])),
+            "values": {better: avg[better], other: avg[other]},
+        }
+        if not finding["holds"]:
+            ours, theirs = methods[better]["per_structure"], methods[other]["per_structure"]
+            gains = {name: ours[name]["mean"] - theirs[name]["mean"] for name in ours}
+            finding["per_structure"] = dict(sorted(gains.items(), key=lambda kv: -kv[1]))
+        out.append(finding)
+    return out
+
+
+def finding_note(finding: Mapping) -> str:
+    """One line of the report for a finding, with the per-structure evidence when it fails."""
+    values = finding["values"]
+    text = f"{'holds' if finding['holds'] else 'does NOT hold'}: {finding['claim']} — " + ", ".join(
+        f"{k} {v:.3f}" for k, v in values.items()
+    )
+    if "per_structure" in finding:
+        better, other = values
+        gains = ", ".join(f"{name} {d:+.3f}" for name, d in finding["per_structure"].items())
+        text += f". Per structure, {better} − {other}: {gains}"
+    return text
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the protocol of a ``conf/demo*.yaml`` config and write the report.
+
+    Writes to ``cfg.output_dir``: ``runs/source`` (unless ``cfg.source_run`` names a complete
+    run), ``runs/<method>`` for every method (``runs/<method>_d<j>`` for its further draws in
+    ``cfg.draws``), ``report.md``, ``report.csv``, ``summary.json``, ``learning_curve.png`` and
+    ``structures_vs_k.png``. The report says which runs, if any, their wall-clock safety net
+    stopped (their numbers would depend on the machine's speed). A run already complete with
+    the same config and source is reused, so a killed demo run again continues where it stopped.
+
+    Returns:
+        The report's summary (with ``findings``).
+    """
+    out_dir = Path(cfg.output_dir)
+    # The demo's run folders are its own: a changed demo config replaces them (overwrite=true).
+    common = [
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.output_dir={cfg.paths.output_dir}",
+        "overwrite=true",
+    ]
+    started = time.perf_counter()
+    source, timings = _source(cfg, out_dir, common)
+    folders, capped, more = _fine_tune_all(cfg, source, out_dir, common)
+    timings.update(more)
+    source_summary = source.summary()
+    if source_summary.get("fit", {}).get("stopped_by") == "max_time":
+        capped.insert(0, ("source", source_summary["fit"]))
+    runs = report.find_runs(folders)
+    methods = report.summarize_methods(runs, "no_tl")["methods"]
+    checked = findings(methods)
+    suggested = suggestion_finding(methods, runs)
+    extraction = brain_extraction_quality(RunFolder(folders[0])) if folders else None
+    notes = _notes(checked, methods, source_summary, capped, suggested)
+    notes += _brain_note(extraction) + list(cfg.report_notes)
+    summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
+    summary["findings"] = checked
+    if suggested is not None:
+        summary["suggestion"] = suggested
+    if extraction is not None:
+        summary["brain_extraction"] = extraction
+    summary["capped"] = [name for name, _ in capped]
+    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    report.write_summary(summary, out_dir)
+    for note in notes[: len(checked)]:
+        print(f"subseg demo: {note}")
+    print(f"subseg demo: report in {out_dir / 'report.md'} ({summary['seconds']['total']:.0f} s)")
+    return summary
+
+
+def _source(cfg: DictConfig, out_dir: Path, common: list[str]) -> tuple[RunFolder, dict]:
+    """The source run: the one ``cfg.source_run`` names, a complete one reused, or trained now.
+
+    Returns:
+        (the complete source run folder, ``{"source": seconds}`` when it was trained now).
+    """
+    source = RunFolder(cfg.source_run if cfg.source_run else out_dir / "runs" / "source")
+    if cfg.source_run:
+        source.require_complete()
+        print(f"subseg demo: using the source run {source.path}")
+        return source, {}
+    overrides = [*common, f"dataset={cfg.source.name}", *cfg.train_overrides]
+    train_cfg = _compose("train", overrides, source)
+    if source.is_complete(
+        run_hash(train_cfg, data=cohort.file_digests(as_dict(train_cfg.dataset)))
+    ):
+        print(f"subseg demo: reusing the source run {source.path} (complete, same config)")
+        return source, {}
+    print("subseg demo: [source] training on the source cohort")
+    tick = time.perf_counter()
+    train.train(train_cfg, source.path)
+    return source, {"source": time.perf_counter() - tick}
+
+
+def _fine_tune_all(cfg: DictConfig, source: RunFolder, out_dir: Path, common: list[str]):
+    """Every method × draw of ``cfg`` as a fine-tuning run (complete ones are reused).
+
+    Returns:
+        (the run folders, [(name, fit record)] of runs the clock stopped, seconds per run).
+    """
+    jobs = [
+        (method, draw)
+        for method in cfg.methods
+        for draw in (cfg.get("draws") or {}).get(method, [0])
+    ]
+    folders, capped, timings = [], [], {}
+    for index, (method, draw) in enumerate(jobs, 1):
+        name = method if draw == 0 else f"{method}_d{draw}"
+        print(f"subseg demo: [{index}/{len(jobs)}] {name}")
+        tick = time.perf_counter()
+        run = RunFolder(out_dir / "runs" / name)
+        overrides = [
+            *common,
+            f"dataset={cfg.target.name}",
+            f"source_run={source.path}",
+            *cfg.target_overrides,
+            *cfg.finetune_overrides,
+            *cfg.methods[method],
+            f"target.draw={draw}",
+        ]
+        summary = finetune.finetune(_compose("finetune", overrides, run), run.path)
+        if summary.get("method") != method:
+            raise ValueError(
+                f"demo method {method} ran as {summary.get('method')}: fix its overrides"
+            )
+        if summary.get("fit", {}).get("stopped_by") == "max_time":
+            capped.append((name, summary["fit"]))
+        folders.append(run.path)
+        timings[name] = time.perf_counter() - tick
+    return folders, capped, timings
+
+
+def brain_extraction_quality(run: RunFolder) -> dict | None:
+    """How well brain extraction found the brain of a run's cohort, where the truth is known.
+
+    A synthetic cohort of heads (``fov: head``) holds each scan's true brain mask in
+    ``masks/<id>.nii.gz``; each scan's mask (from the cache, as the run made it) is scored
+    against it with Dice.
+
+    Returns:
+        ``{"n", "methods": {method: count}, "dice_mean", "dice_sd", "dice_min", "per_scan"}``,
+        or ``None`` for a cohort without true masks.
+    """
+    dataset = run.config()["dataset"]
+    truth_dir = Path(dataset["root"]) / "masks"
+    if not truth_dir.is_dir():
+        return None
+    preprocess = run.contract().preprocess
+    per_scan, methods = {}, {}
+    for subject in cohort.list_subjects({**dataset, "ids": None}, require_labels=False):
+        truth_file = truth_dir / f"{subject.id}.nii.gz"
+        if not truth_file.is_file():
+            continue
+        image = io.load_image(subject.image)
+        found = brain.brain_mask(image.path, image.data, image.affine, preprocess)
+        truth = io.load_label(truth_file, image=image).data > 0
+        overlap = 2.0 * np.count_nonzero(found.mask & truth)
+        per_scan[subject.id] = overlap / max(int(found.mask.sum() + truth.sum()), 1)
+        methods[found.method] = methods.get(found.method, 0) + 1
+    if not per_scan:
+        return None
+    values = np.array(list(per_scan.values()))
+    return {
+        "n": len(values),
+        "methods": methods,
+        "dice_mean": float(values.mean()),
+        "dice_sd": float(values.std()),
+        "dice_min": float(values.min()),
+        "per_scan": {k: round(float(v), 4) for k, v in per_scan.items()},
+    }
+
+
+def _brain_note(found: Mapping | None) -> list[str]:
+    if found is None:
+        return []
+    how = ", ".join(f"{method} on {n}" for method, n in found["methods"].items())
+    return [
+        f"Brain extraction of the target's {found['n']} scans as the scanner wrote them (skull, "
+        f"scalp, neck; {how}): mask Dice {found['dice_mean']:.3f} ± {found['dice_sd']:.3f} "
+        f"(lowest {found['dice_min']:.3f}) against each scan's true brain mask."
+    ]
+
+
+def suggestion_finding(methods: Mapping[str, Mapping], runs=()) -> dict | None:
+    """Whether TL-1 on suggest.py's top scan reached TL-1's mean over random draws.
+
+    Args:
+        methods: the report's per-method summaries.
+        runs: the report's runs (:class:`subseg.report.report.Run`), for the scans each one
+            trained on.
+
+    Returns:
+        ``{"holds", "suggested", "random_mean", "random_min", "random_max", "draws", "scans"}``
+        or ``None`` when the demo ran no ``tl1_suggested`` or no random TL-1.
+    """
+    if "tl1_suggested" not in methods or "tl1" not in methods:
+        return None
+    random = [float(v) for v in methods["tl1"]["avg_per_draw"]]
+    suggested = float(methods["tl1_suggested"]["avg"])
+    scans = {}
+    for run in runs:
+        if run.method in ("tl1", "tl1_suggested"):
+            trained = RunFolder(run.folder).split("train")
+            scans.setdefault(run.method, []).extend(trained)
+    return {
+        "holds": bool(suggested >= float(np.mean(random))),
+        "suggested": suggested,
+        "random_mean": float(np.mean(random)),
+        "random_min": min(random),
+        "random_max": max(random),
+        "draws": len(random),
+        "scans": scans,
+    }
+
+
+def _suggestion_note(found: Mapping | None) -> list[str]:
+    if found is None:
+        return []
+    verdict = "reached" if found["holds"] else "did NOT reach"
+    scans = found.get("scans") or {}
+    drawn = f", scans {', '.join(scans['tl1'])}" if scans.get("tl1") else ""
+    picked = f" ({', '.join(scans['tl1_suggested'])})" if scans.get("tl1_suggested") else ""
+    gap = found["suggested"] - found["random_mean"]
+    return [
+        f"TL-1 on the scan suggest.py ranks first{picked}, chosen reading no label: Avg "
+        f"{found['suggested']:.4f}. TL-1 on a random scan: mean {found['random_mean']:.4f} over "
+        f"{found['draws']} draws ({found['random_min']:.3f}–{found['random_max']:.3f}{drawn}). "
+        f"The suggestion {verdict} the random mean ({gap:+.4f}), on the same test scans (the "
+        "ranking and its figure: runs/tl1_suggested/suggest.csv and suggest.png)."
+    ]
+
+
+def _notes(
+    checked: list[dict], methods: Mapping, source_summary: Mapping, capped, suggested=None
+) -> list[str]:
+    """The report's findings: each claim checked, the source's headroom, clock-capped runs."""
+    notes = [finding_note(f) for f in checked]
+    if "no_tl" in methods:
+        notes.append(
+            f"The source model scores {source_summary['avg']:.3f} on its own scanner's test scans "
+            f"and {methods['no_tl']['avg']:.3f} on the target's (No TL): the gap any "
+            "adaptation can close, besides the target rater's different boundaries."
+        )
+    notes += _suggestion_note(suggested)
+    notes += [
+        f"{name} was stopped by its wall-clock safety net (recipe.max_time={fit['max_time']}) "
+        f"after {fit['epochs']} of {fit['max_epochs']} epochs: its numbers depend on this "
+        "machine's speed"
+        for name, fit in capped
+    ] or ["Every training run ended by its epoch budget or early stopping, not by the clock."]
+    return notes
