@@ -21,7 +21,7 @@ epoch (its cost per batch is constant; a whole patch epoch takes about 50 s). Th
 draws other masks than torch's, so the loss curves are compared as two seeds are: the epoch's
 mean training loss and its validation loss, now and before, against the old code run with
 another seed. That the cached path trains exactly as the patches do is tested
-(tests/test_transfer.py). About 1.5 min on 2 quiet cores. The paper needed
+(tests/training/test_transfer.py). About 1.5 min on 2 quiet cores. The paper needed
 8 s per epoch for one image on a TITAN X GPU.
 """
 
