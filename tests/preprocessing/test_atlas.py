@@ -252,7 +252,7 @@ def test_quality_check_png(ho_run, tmp_path):
 
 def test_itk_threads_follow_the_setting():
     code = (
-        "import os, sys; from subseg import antspy; "
+        "import os, sys; from subseg.core import antspy; "
         "assert 'ants' not in sys.modules; antspy.load(1); "
         "print(os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'], 'ants' in sys.modules)"
     )
