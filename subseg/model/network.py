@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from subseg.core.labels import NUM_CLASSES  # background + the 14 structures
+
 PATCH = 32
 """Patch side; the voxel sits at index ``PATCH // 2`` (16) — the patch spans c−16 … c+15."""
 
@@ -25,7 +27,6 @@ CONV_CHANNELS = (20, 20, 40, 40, 60)
 PATH_FEATURES = 180
 CONV_FEATURES = 540
 """Per path: conv5's 60 channels × 3 × 3, the input of the path's dense layer."""
-NUM_CLASSES = 15
 
 
 class Dropout(nn.Dropout):

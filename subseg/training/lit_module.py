@@ -14,14 +14,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassStatScores
 
 from subseg.core import sharding
 from subseg.core.labels import NUM_CLASSES, STRUCTURES
+from subseg.evaluation.metrics import dice_per_structure
 from subseg.model import inference
 from subseg.model.network import VIEWS, SubcorticalNet
 from subseg.preprocessing import atlas
@@ -122,14 +121,6 @@ class VolumeSubject:
     volume: np.ndarray
     prior: atlas.Prior
     classes: np.ndarray
-
-
-def dice_per_structure(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Dice of each of the 14 structures (MONAI's DiceMetric; NaN where both are empty)."""
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    pred = one_hot(torch.from_numpy(prediction.astype(np.int64))[None, None], NUM_CLASSES)
-    true = one_hot(torch.from_numpy(truth.astype(np.int64))[None, None], NUM_CLASSES)
-    return metric(pred, true)[0].numpy()
 
 
 class VolumeDice(L.Callback):

@@ -15,10 +15,11 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 from subseg.core import labels, sharding
+from subseg.evaluation.metrics import dice_per_structure
 from subseg.model import inference
 from subseg.runs.run_folder import RunFolder
 from subseg.tasks import train
-from subseg.training.lit_module import SegmentationModule, dice_per_structure
+from subseg.training.lit_module import SegmentationModule
 
 # 7 subjects: 2 tested, 2 validated on whole volumes, 3 trained on; the atlas is registered.
 OVERRIDES = [
