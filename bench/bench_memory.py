@@ -138,10 +138,10 @@ def main() -> None:
             f"hydra.run.dir={RUN_DIR}",
             f"dataset.ids=[{','.join(TRAIN_IDS)}]",
             f"dataset.test_ids=[{TRAIN_IDS[-1]}]",
-            "recipe.max_epochs=1",
+            "trainer.max_epochs=1",
             f"+trainer.limit_train_batches={TRAIN_BATCHES}",
             f"+trainer.limit_val_batches={VAL_BATCHES}",
-            "recipe.volume_dice_every=1",
+            "volume_dice_every=1",
         ],
         logs / "memory_train.log",
     )

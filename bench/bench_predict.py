@@ -19,14 +19,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from common import record
 
 from subseg.core import io, overlay
 from subseg.model import inference
+from subseg.model.network import SubcorticalNet
 from subseg.preprocessing import atlas, bias, brain, transforms
 from subseg.preprocessing import contract as contracts
 from subseg.runs import trained_model
@@ -44,7 +47,7 @@ def _model(folder: Path) -> Path:
     if DEMO_SOURCE.is_complete():
         return DEMO_SOURCE.checkpoint
     L.seed_everything(0)
-    module = SegmentationModule(dropout=0.3, lr=1e-3)
+    module = SegmentationModule(SubcorticalNet(0.3), partial(torch.optim.Adam, lr=1e-3))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     path = folder / "untrained.ckpt"

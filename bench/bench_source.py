@@ -6,11 +6,11 @@ default recipe (``recipe=cpu``: the released code's optimiser, 3,000 samples per
 batch 128, split 75/25 at voxel level, so 27,000 training samples per epoch) and the default
 trainer, with two bench settings:
 
-- ``recipe.volume_dice_every=1``: the 3 validation subjects are segmented whole after every
+- ``volume_dice_every=1``: the 3 validation subjects are segmented whole after every
   epoch (the default does it every 4th), so the first epoch whose ``val_dice_mean`` reaches 0.80
   is known;
 - the run stops there (a callback raises once the target is reached), or after ``MAX_EPOCHS``
-  epochs; neither the remaining epochs nor the test evaluation run. ``recipe.max_time`` is
+  epochs; neither the remaining epochs nor the test evaluation run. ``trainer.max_time`` is
   raised to an hour, so a busy machine does not cut an epoch short.
 
 Figures:
@@ -27,7 +27,7 @@ Figures:
 
 What it replaces: before this bench no throughput or time-to-Dice figure existed; the README's
 figure was the whole 8-epoch fit (9.9 min here) and its test Dice. Extra Hydra overrides on the
-command line are added to the run's (for short trials: ``recipe.samples_per_subject=300``).
+command line are added to the run's (for short trials: ``sampling.samples_per_subject=300``).
 """
 
 import logging
@@ -51,9 +51,9 @@ RUN_DIR = Path("outputs/bench/runs/source")
 OVERRIDES = [
     "logger=csv",
     "name=bench_source",
-    "recipe.volume_dice_every=1",
-    f"recipe.max_epochs={MAX_EPOCHS}",
-    "recipe.max_time=00:01:00:00",  # a safety net only: MAX_EPOCHS bounds the bench
+    "volume_dice_every=1",
+    f"trainer.max_epochs={MAX_EPOCHS}",
+    "trainer.max_time=00:01:00:00",  # a safety net only: MAX_EPOCHS bounds the bench
     "+callbacks.bench._target_=__main__.Recorder",
     f"+callbacks.bench.target={TARGET}",
 ]
@@ -154,11 +154,12 @@ def main() -> None:
     record(
         "source_training",
         {
-            "compared": f"train.py's fit on the synthetic source cohort (recipe={cfg.recipe.name}, "
-            f"{cfg.recipe.samples_per_subject} samples per subject, batch "
-            f"{cfg.recipe.batch_size}, whole-volume validation Dice on the 3 validation subjects "
+            "compared": f"train.py's fit on the synthetic source cohort (Adam lr "
+            f"{cfg.model.optimizer.lr}, dropout {cfg.model.net.dropout}, "
+            f"{cfg.sampling.samples_per_subject} samples per subject, batch "
+            f"{cfg.sampling.batch_size}, whole-volume validation Dice on the 3 validation subjects "
             f"after every epoch, stopped at val_dice_mean >= {rec.target} or after "
-            f"{cfg.recipe.max_epochs} epochs), {cfg.trainer.accelerator}, "
+            f"{cfg.trainer.max_epochs} epochs), {cfg.trainer.accelerator}, "
             f"threads={cfg.threads or 'all'}",
             "samples_per_second": round(statistics.median(rates)),
             "samples_per_second_by_epoch": [round(r) for r in rates],

@@ -28,6 +28,7 @@ another seed. That the cached path trains exactly as the patches do is tested
 import os
 import statistics
 import time
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -191,7 +192,7 @@ def _subject() -> tuple[SubjectSamples, tuple]:
 def _cached_dataset(samples) -> tuple[FeatureDataset, float]:
     """The frozen conv features of every sample, and the seconds they took (once per fit)."""
     torch.manual_seed(0)
-    module = SegmentationModule(dropout=0.3, lr=1e-4)
+    module = SegmentationModule(network.SubcorticalNet(0.3), partial(torch.optim.Adam, lr=1e-4))
     start = time.perf_counter()
     features = transfer.conv_features_of(module.net, samples)
     seconds = time.perf_counter() - start

@@ -23,16 +23,26 @@ def tiny_cohorts(tmp_path_factory):
     return out
 
 
+def new_module(dropout: float = 0.3, lr: float = 1e-3):
+    """A freshly initialised training module: the network and Adam, as ``conf/model`` builds it."""
+    from functools import partial
+
+    import torch
+
+    from subseg.model.network import SubcorticalNet
+    from subseg.training.lit_module import SegmentationModule
+
+    return SegmentationModule(SubcorticalNet(dropout), partial(torch.optim.Adam, lr=lr))
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """An untrained network saved as a Lightning checkpoint, as training would (its outputs and
     conv features still differ from scan to scan, which is all some tests need)."""
     import lightning as L
 
-    from subseg.training.lit_module import SegmentationModule
-
     L.seed_everything(0)
-    module = SegmentationModule(dropout=0.3, lr=1e-3)
+    module = new_module()
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"

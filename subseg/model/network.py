@@ -114,6 +114,7 @@ class SubcorticalNet(nn.Module):
 
     def __init__(self, dropout: float = 0.5):
         super().__init__()
+        self.dropout_p = float(dropout)
         self.paths = nn.ModuleDict({view: PathNet(dropout) for view in VIEWS})
         width = PATH_FEATURES * len(VIEWS)
         self.dropout1 = Dropout(dropout)
@@ -123,6 +124,13 @@ class SubcorticalNet(nn.Module):
         self.fc2 = nn.Linear(width + NUM_CLASSES, 270)
         self.fc2_act = nn.PReLU(270, init=0.25)
         self.classifier = nn.Linear(270, NUM_CLASSES)
+
+    def config(self) -> dict:
+        """The Hydra config that rebuilds this network (``conf/model``'s ``net`` entry).
+
+        Saved in every checkpoint, so that a checkpoint alone rebuilds its network.
+        """
+        return {"_target_": f"{__name__}.{type(self).__qualname__}", "dropout": self.dropout_p}
 
     def path_features(self, patches: dict[str, torch.Tensor] | tuple) -> torch.Tensor:
         """Concatenated path outputs (B×540) of the axial, coronal and sagittal patches."""
@@ -165,6 +173,26 @@ class SubcorticalNet(nn.Module):
         blocks = conv_features.split(CONV_FEATURES, dim=1)
         paths = [self.paths[view].fully_connected(x) for view, x in zip(VIEWS, blocks, strict=True)]
         return self.head(torch.cat(paths, dim=1), atlas)
+
+
+NETWORKS = {f"{__name__}.{cls.__qualname__}": cls for cls in (SubcorticalNet,)}
+"""The networks a checkpoint may name, by their config's ``_target_``."""
+
+
+def build_network(config: dict) -> nn.Module:
+    """The network a saved config (:meth:`SubcorticalNet.config`) describes, freshly initialised.
+
+    Only the networks of :data:`NETWORKS` are built: a checkpoint from elsewhere names a class,
+    and building whatever it names would run any code it likes (Hydra's ``instantiate`` would).
+
+    Raises:
+        ValueError: the config names another class, or arguments that class does not take.
+    """
+    settings = dict(config)
+    target = settings.pop("_target_", None)
+    if target not in NETWORKS:
+        raise ValueError(f"the network {target!r} is not one of {', '.join(NETWORKS)}")
+    return NETWORKS[target](**settings)
 
 
 def count_trainable(module: nn.Module) -> int:

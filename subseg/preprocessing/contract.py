@@ -60,6 +60,16 @@ class InputContract:
     intensity: str = "zscore"
     landmarks: list[float] | None = field(default=None)
 
+    @classmethod
+    def from_record(cls, record: Mapping) -> InputContract:
+        """The contract a :meth:`record` (``preprocessing.json``) describes."""
+        return cls(
+            preprocess=dict(record["preprocess"]),
+            atlas=dict(record["atlas"]),
+            intensity=record.get("intensity", "zscore"),
+            landmarks=record.get("landmarks"),
+        )
+
     def pipeline(self, protocol=None, source: atlas.AtlasSource | None = None) -> object:
         """The exact MONAI pipeline this model's input goes through, atlas prior included.
 

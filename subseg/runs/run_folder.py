@@ -51,6 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from subseg.core import environment, io
 from subseg.core.config_identity import UNHASHED_KEYS, strip
 from subseg.core.folder_lock import FolderLock
+from subseg.core.labels import STRUCTURES
 from subseg.preprocessing.contract import InputContract, as_dict
 
 
@@ -325,13 +326,7 @@ class RunFolder:
                 f"{self.path}: no {self.CONTRACT}: this run does not record how its input was "
                 "prepared (made by an older subseg): train it again"
             )
-        record = json.loads(self.contract_file.read_text())
-        contract = InputContract(
-            preprocess=record["preprocess"],
-            atlas=record["atlas"],
-            intensity=record.get("intensity", "zscore"),
-            landmarks=record.get("landmarks"),
-        )
+        contract = InputContract.from_record(json.loads(self.contract_file.read_text()))
         if contract.atlas.get("kind") == "source_labels":
             contract.atlas = {**contract.atlas, "path": str(self.atlas_dir)}
         return contract
@@ -352,6 +347,32 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(self.contract_file) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
+
+    def input_record(self) -> dict:
+        """What a checkpoint of this run carries of its input, to be a whole model on its own.
+
+        Returns:
+            ``contract`` (``preprocessing.json``'s record), ``atlas_files`` (a saved
+            ``source_labels`` atlas's files, name → bytes, else ``None``), ``brain_litres``
+            (:meth:`brain_volumes`), ``structures`` (the class order) and ``label_ids`` (the
+            label protocol of the run's cohort).
+
+        Raises:
+            io.InputError: the run has not recorded its contract yet.
+        """
+        record = self.contract().record()
+        atlas_files = None
+        if record["atlas"].get("kind") == "source_labels":
+            atlas_files = {p.name: p.read_bytes() for p in sorted(self.atlas_dir.iterdir())}
+            record["atlas"] = {**record["atlas"], "path": None}
+        dataset = (self.config().get("dataset") or {}) if self.config_file.is_file() else {}
+        return {
+            "contract": record,
+            "atlas_files": atlas_files,
+            "brain_litres": self.brain_volumes(),
+            "structures": list(STRUCTURES),
+            "label_ids": dataset.get("label_ids"),
+        }
 
     # --- results ------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from subseg.model import inference
 from subseg.preprocessing.contract import InputContract, as_dict
 from subseg.runs import dashboard
 from subseg.runs.run_folder import RunFolder
-from subseg.runs.trained_model import load_network, model_of
+from subseg.runs.trained_model import model_of
 from subseg.training.preparation import cached_subjects, check_cohort
 
 COLUMNS = (*metrics.COLUMNS, *quality.COLUMNS)
@@ -205,9 +205,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict:
         The summary.
     """
     out = RunFolder(out_dir)
-    checkpoint, contract, run = model_of(cfg)
-    dataset, test_ids = _test_split(cfg, run, checkpoint)
-    net = load_network(checkpoint)
+    model = model_of(cfg)
+    checkpoint, contract, net = model.checkpoint, model.contract, model.net
+    dataset, test_ids = _test_split(cfg, model.run, checkpoint)
     check_cohort(dataset, test_ids)  # a bad file stops it before anything is written
     digest = out.begin(
         cfg, {"checkpoint": cache.file_digest(checkpoint)}, cohort.file_digests(dataset)

@@ -200,19 +200,27 @@ def _load_source_weights(net, source_ckpt: Path, k: int) -> dict:
     }
 
 
-def _starting_model(cfg, source_cfg, source_ckpt, init: str, k: int):
+def _starting_model(cfg, source_ckpt, init: str, k: int):
     """The network fine-tuning starts from, the source weights loaded (refused if unusable).
+
+    The network is the source checkpoint's own (its saved config); ``conf/model``'s without a
+    source (``init=scratch`` alone) or for a bare ``state_dict``. The optimiser is
+    ``conf/model``'s, its learning rate the freeze preset's.
 
     Returns:
         (the Lightning module, the start of ``transfer.json``'s record).
     """
-    from subseg.training import transfer
-    from subseg.training.lit_module import SegmentationModule
+    from hydra.utils import instantiate
 
-    recipe = as_dict(cfg.recipe)
-    dropout = float(source_cfg["recipe"]["dropout"]) if source_cfg else float(recipe["dropout"])
-    preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
-    module = SegmentationModule(dropout=dropout, lr=float(preset.lr))
+    from subseg.model.network import build_network
+    from subseg.runs import trained_model
+
+    config = None
+    if source_ckpt is not None:
+        config = trained_model.network_config(trained_model.read_checkpoint(source_ckpt))
+    # A bare state_dict names no network: conf/model's (its weights are checked on loading).
+    net = build_network(config) if config is not None else instantiate(cfg.model.net)
+    module = instantiate(cfg.model, net=net)
     record = {"init": init, "n_images": k}
     if init != "scratch":
         record["source_sha256"] = cache.file_digest(source_ckpt)
@@ -243,7 +251,7 @@ def _evaluate(cfg, run: RunFolder, net, cached, test_ids, by_id, loggers, record
     return summary
 
 
-def _training_set(cfg, module, items, preset, recipe, record: dict):
+def _training_set(cfg, module, items, preset, record: dict):
     """Pool the training samples: cached frozen-layer features when the preset allows.
 
     Returns:
@@ -253,7 +261,7 @@ def _training_set(cfg, module, items, preset, recipe, record: dict):
     from subseg.training.samples import PatchDataset
 
     rng = np.random.default_rng(int(cfg.seed))
-    samples, train_idx, val_idx = fitting.pooled_samples(items, recipe, rng)
+    samples, train_idx, val_idx = fitting.pooled_samples(items, as_dict(cfg.sampling), rng)
     scratch = cfg.init == "scratch"
     record["cached_features"] = not scratch and transfer.caches_conv_features(module.net, preset)
     if record["cached_features"]:
@@ -272,8 +280,8 @@ def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     """
     import torch
 
+    from subseg.runs.trained_model import load_network
     from subseg.training import transfer
-    from subseg.training.lit_module import SegmentationModule
     from subseg.training.patch_data import FitData, PatchData
 
     preset = transfer.FreezePreset.from_config(as_dict(cfg.freeze))
@@ -282,16 +290,18 @@ def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     if cfg.init != "scratch":
         record["reset"] = transfer.reset_layers(module.net, preset)
         callbacks.append(transfer.FreezeSchedule(preset))
-    recipe = as_dict(cfg.recipe)
-    pooled, (train_idx, val_idx) = _training_set(cfg, module, items, preset, recipe, record)
+    pooled, (train_idx, val_idx) = _training_set(cfg, module, items, preset, record)
     fit_data = PatchData(
-        lambda: FitData(pooled, train_idx, val_idx), recipe, int(cfg.seed), None, cfg.num_workers
+        lambda: FitData(pooled, train_idx, val_idx),
+        cfg.sampling.batch_size,
+        int(cfg.seed),
+        None,
+        cfg.num_workers,
     )
-    best, trainer, record["fit"] = fitting.fit(cfg, run, module, fit_data, recipe, callbacks)
+    best, trainer, record["fit"] = fitting.fit(cfg, run, module, fit_data, callbacks)
     if trainer.is_global_zero:  # it wrote fit.json (the other ranks write no results)
         record["frozen"] = run.read_json(run.fit_file)["frozen"]
-    net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
-    return net, trainer
+    return load_network(best), trainer
 
 
 def _retention(cfg, net, source_dir: RunFolder, source_cfg, contract, run: RunFolder):
@@ -427,7 +437,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     # Everything that can be refused is checked before the run folder is touched.
     subjects = check_cohort(dataset, {i for ids in draw.values() for i in ids})
     L.seed_everything(int(cfg.seed), workers=True)
-    module, record = _starting_model(cfg, source_cfg, source_ckpt, init, len(draw["train"]))
+    module, record = _starting_model(cfg, source_ckpt, init, len(draw["train"]))
     digest = run.begin(
         cfg,
         {"source": cache.file_digest(source_ckpt)} if source_ckpt else {},

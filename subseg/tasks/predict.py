@@ -32,7 +32,7 @@ from subseg.data import bids
 from subseg.evaluation import quality
 from subseg.model import inference
 from subseg.preprocessing import brain
-from subseg.runs.trained_model import load_network, model_of
+from subseg.runs.trained_model import model_of
 
 VOLUME_COLUMNS = ["subject", "structure", "volume_mm3", "qc"]
 FAILURE_COLUMNS = ["scan", "error"]
@@ -369,15 +369,16 @@ def predict(cfg: DictConfig) -> list[dict]:
             failed while being segmented (the others are written).
     """
     out_dir = Path(cfg.out_dir)
-    checkpoint, contract, run = model_of(cfg)
-    net = load_network(checkpoint)
+    model = model_of(cfg)
     if cfg.raw_ids:
         label_protocol.raw_dtype(cfg.raw_ids)  # ids no label file can hold: refused now
     files = input_images(cfg.input)
     check_out_dir(out_dir, cfg.input, files)
     check_batch(files, cfg.input)
     with FolderLock(out_dir, "out_dir"):  # one predict.py at a time writes here
-        return _predict_batch(cfg, out_dir, net, contract, files, brain_reference(run))
+        return _predict_batch(
+            cfg, out_dir, model.net, model.contract, files, brain_reference(model)
+        )
 
 
 def _check_lookup(out_dir: Path, manifest: OutputManifest, raw_ids, batch: set[Path]) -> None:
@@ -413,17 +414,17 @@ def _flag_reason(row: dict) -> str:
     return f"{row['subject']} ({row['worst_structure']} {row['worst_qc']:.2f})"
 
 
-def brain_reference(run) -> tuple[float, str] | None:
-    """The median brain volume of the scans a model's run used, to compare new scans with.
+def brain_reference(model) -> tuple[float, str] | None:
+    """The median brain volume of the scans a model was made with, to compare new scans with.
 
     Args:
-        run: the model's run folder (:class:`subseg.runs.run_folder.RunFolder`), or ``None``.
+        model: the :class:`subseg.runs.trained_model.TrainedModel`.
 
     Returns:
-        (litres, what they are), or ``None`` for a bare checkpoint or a run that predates brain
-        extraction (the batch median is used then).
+        (litres, what they are), or ``None`` for a checkpoint from elsewhere or a model that
+        predates brain extraction (the batch median is used then).
     """
-    volumes = run.brain_volumes() if run is not None else []
+    volumes = model.brain_litres
     if not volumes:
         return None
     return float(np.median(volumes)), f"the {len(volumes)} scans the model was made with"

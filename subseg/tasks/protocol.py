@@ -309,7 +309,7 @@ def _notes(
         )
     notes += _suggestion_note(suggested)
     notes += [
-        f"{name} was stopped by its wall-clock safety net (recipe.max_time={fit['max_time']}) "
+        f"{name} was stopped by its wall-clock safety net (trainer.max_time={fit['max_time']}) "
         f"after {fit['epochs']} of {fit['max_epochs']} epochs: its numbers depend on this "
         "machine's speed"
         for name, fit in capped

@@ -214,7 +214,7 @@ def suggest(cfg) -> list[dict]:
     """
     from omegaconf import OmegaConf
 
-    from subseg.runs.trained_model import load_network, model_of
+    from subseg.runs.trained_model import model_of
     from subseg.tasks import predict
 
     if not cfg.get("source_run"):
@@ -222,8 +222,8 @@ def suggest(cfg) -> list[dict]:
     named = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     is_file = Path(cfg.source_run).is_file()
     named.run_dir, named.ckpt = (None, cfg.source_run) if is_file else (cfg.source_run, None)
-    checkpoint, contract, _ = model_of(named)
-    net = load_network(checkpoint)
+    model = model_of(named)
+    net, contract = model.net, model.contract
     files = predict.input_images(cfg.input)
     predict.check_batch(files, cfg.input)
     n = cfg.n

@@ -32,7 +32,7 @@ def _fit_data(cfg: DictConfig, run: RunFolder, subjects: list):
     from subseg.training.patch_data import FitData, PatchData
     from subseg.training.samples import PatchDataset
 
-    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
+    dataset, sampling = as_dict(cfg.dataset), as_dict(cfg.sampling)
 
     def prepare() -> None:  # the first rank only; the others wait at Lightning's barrier
         splits = cohort.default_splits(dataset, subjects)
@@ -44,12 +44,12 @@ def _fit_data(cfg: DictConfig, run: RunFolder, subjects: list):
         contract = run.contract()
         cached = run_subjects(cfg, run, subjects, contract)
         rng = np.random.default_rng(int(cfg.seed))
-        samples, train_idx, val_idx = fitting.pooled_samples(cached(splits["train"]), recipe, rng)
+        samples, train_idx, val_idx = fitting.pooled_samples(cached(splits["train"]), sampling, rng)
         return FitData(
             PatchDataset(samples), train_idx, val_idx, _whole_volumes(cached, splits["val"])
         )
 
-    return PatchData(build, recipe, int(cfg.seed), prepare, int(cfg.num_workers))
+    return PatchData(build, sampling["batch_size"], int(cfg.seed), prepare, int(cfg.num_workers))
 
 
 def run_subjects(cfg: DictConfig, run: RunFolder, subjects: list, contract=None):
@@ -82,11 +82,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         The test summary (``avg``, ``wavg``, ``per_structure``, ``fit``).
     """
     import lightning as L
+    from hydra.utils import instantiate
 
-    from subseg.training.lit_module import SegmentationModule, VolumeDice
+    from subseg.runs.trained_model import load_network
+    from subseg.training.lit_module import VolumeDice
 
     run = RunFolder(run_dir)
-    dataset, recipe = as_dict(cfg.dataset), as_dict(cfg.recipe)
+    dataset = as_dict(cfg.dataset)
     subjects = check_cohort(dataset)  # a bad file stops the run before it writes anything
     cohort.default_splits(dataset, subjects)  # an impossible split too
     digest = run.begin(cfg, data=cohort.file_digests(dataset))
@@ -95,16 +97,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     if is_first_process():
         run.write_environment(str(cfg.trainer.accelerator))
-    module = SegmentationModule(dropout=float(recipe["dropout"]), lr=float(recipe["lr"]))
+    module = instantiate(cfg.model)  # conf/model: the network, its optimiser and scheduler
     best, trainer, fit = fitting.fit(
         cfg,
         run,
         module,
         _fit_data(cfg, run, subjects),
-        recipe,
-        [VolumeDice(every_n_epochs=int(recipe["volume_dice_every"]))],
+        [VolumeDice(every_n_epochs=int(cfg.volume_dice_every))],
     )
-    net = SegmentationModule.load_from_checkpoint(best, map_location="cpu").net.eval()
+    net = load_network(best)
     by_id = {s.id: s for s in subjects}
     summary = evaluate.publish(
         run,

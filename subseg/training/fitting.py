@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from subseg.core import io
-from subseg.runs import dashboard
+from subseg.runs import dashboard, trained_model
 from subseg.runs.run_folder import RunFolder
 
 
@@ -69,6 +69,23 @@ class RandomState(Callback):
                 torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class InputRecord(Callback):
+    """Put the model's input contract in every checkpoint: a checkpoint alone is a whole model.
+
+    What the run folder records of the model's input (``preprocessing.json``, a saved
+    ``source_labels`` atlas, the brain volumes of its scans, the class order), read once, when
+    the first checkpoint is written (the run has recorded it by then).
+    """
+
+    def __init__(self, run: RunFolder):
+        self.run, self.record = run, None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: D102
+        if self.record is None:
+            self.record = self.run.input_record()
+        checkpoint[trained_model.INPUT_KEY] = self.record
+
+
 def loggers(cfg: DictConfig, run: RunFolder) -> list:
     """The run folder's CSV log, then every logger of ``cfg.logger``, built by Hydra.
 
@@ -112,8 +129,13 @@ def callbacks_of(cfg: DictConfig) -> list:
     return added
 
 
-def pooled_samples(items, recipe: Mapping, rng: np.random.Generator):
+def pooled_samples(items, sampling: Mapping, rng: np.random.Generator):
     """Sample every subject (docs/method.md §4) and split the pooled samples into train/val.
+
+    Args:
+        items: the prepared subjects.
+        sampling: the ``conf/sampling`` entry (samples per subject, validation fraction, level).
+        rng: the run's generator.
 
     Returns:
         (the subjects' :class:`subseg.training.samples.SubjectSamples`, train indices, validation
@@ -121,20 +143,21 @@ def pooled_samples(items, recipe: Mapping, rng: np.random.Generator):
     """
     from subseg.training.samples import split_indices, subject_samples
 
-    samples = [subject_samples(item, rng, recipe["samples_per_subject"]) for item in items]
+    samples = [subject_samples(item, rng, sampling["samples_per_subject"]) for item in items]
     owner = np.concatenate([np.full(len(s.targets), i) for i, s in enumerate(samples)])
-    by_subject = owner if recipe["split_level"] == "subject" else None
-    train_idx, val_idx = split_indices(len(owner), recipe["val_fraction"], rng, by_subject)
+    by_subject = owner if sampling["split_level"] == "subject" else None
+    train_idx, val_idx = split_indices(len(owner), sampling["val_fraction"], rng, by_subject)
     return samples, train_idx, val_idx
 
 
-def trainer_for(cfg: DictConfig, run: RunFolder, recipe: Mapping, callbacks=()):
+def trainer_for(cfg: DictConfig, run: RunFolder, callbacks=()):
     """The Lightning trainer of ``cfg.trainer`` (built by Hydra), writing to ``run``.
 
-    The recipe sets the epochs and the wall-clock cap; the run adds atomic checkpoints, the
-    random state, early stopping, its loggers and the callbacks of ``cfg.callbacks``. Samples are
-    sharded by :class:`subseg.training.patch_data.PatchData`, so Lightning's own distributed sampler
-    is off.
+    ``cfg.trainer`` holds the epochs and the wall-clock cap too (Trainer arguments); the run
+    adds atomic checkpoints that carry the model's input contract, the random state, early
+    stopping on ``cfg.stopping``, its loggers and the callbacks of ``cfg.callbacks``. Samples
+    are sharded by :class:`subseg.training.patch_data.PatchData`, so Lightning's own distributed
+    sampler is off.
 
     Returns:
         (the trainer, its ``ModelCheckpoint``, its ``EarlyStopping``).
@@ -142,24 +165,30 @@ def trainer_for(cfg: DictConfig, run: RunFolder, recipe: Mapping, callbacks=()):
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    stopping = cfg.stopping
     checkpoint = ModelCheckpoint(
         dirpath=run.checkpoints_dir,
         filename=run.checkpoint.stem,
-        monitor=recipe["monitor"],
-        mode=recipe["mode"],
+        monitor=stopping.monitor,
+        mode=stopping.mode,
         save_last=True,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
     early = EarlyStopping(
-        monitor=recipe["monitor"], mode=recipe["mode"], patience=int(recipe["patience"])
+        monitor=stopping.monitor, mode=stopping.mode, patience=int(stopping.patience)
     )
     trainer = instantiate(
         cfg.trainer,
-        max_epochs=int(recipe["max_epochs"]),
-        max_time=recipe["max_time"],
         logger=loggers(cfg, run),
-        callbacks=[checkpoint, early, RandomState(), *callbacks, *callbacks_of(cfg)],
+        callbacks=[
+            checkpoint,
+            early,
+            RandomState(),
+            InputRecord(run),
+            *callbacks,
+            *callbacks_of(cfg),
+        ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run.path),
         use_distributed_sampler=False,
@@ -167,7 +196,7 @@ def trainer_for(cfg: DictConfig, run: RunFolder, recipe: Mapping, callbacks=()):
     return trainer, checkpoint, early
 
 
-def fit(cfg, run: RunFolder, module, datamodule, recipe: Mapping, callbacks=()):
+def fit(cfg, run: RunFolder, module, datamodule, callbacks=()):
     """Fit ``module`` on ``datamodule`` with checkpoints and early stopping.
 
     ``datamodule`` is a :class:`subseg.training.patch_data.PatchData`.
@@ -180,7 +209,7 @@ def fit(cfg, run: RunFolder, module, datamodule, recipe: Mapping, callbacks=()):
         (the best checkpoint's path (on every rank of a DDP job; the first one wrote it);
         the trainer; :func:`fit_record`'s record).
     """
-    trainer, checkpoint, early = trainer_for(cfg, run, recipe, callbacks)
+    trainer, checkpoint, early = trainer_for(cfg, run, callbacks)
     resume = bool(cfg.get("resume"))
     if resume and run.fit_file.is_file() and run.checkpoint.is_file():
         # The fit had ended before the kill (in testing, say): fitting on from last.ckpt would
@@ -193,11 +222,11 @@ def fit(cfg, run: RunFolder, module, datamodule, recipe: Mapping, callbacks=()):
     elif resume_from is not None:
         print(f"subseg: resuming {run.path} from {resume_from.name}", file=sys.stderr)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    record = fit_record(trainer, early, recipe)
+    record = fit_record(trainer, early, cfg.trainer.get("max_time"))
     if not checkpoint.best_model_path:
         raise io.InputError(
-            f"{run.path}: training stopped before its first validation (recipe.max_time="
-            f"{recipe['max_time']}, recipe.max_epochs={recipe['max_epochs']}): no model to keep"
+            f"{run.path}: training stopped before its first validation (trainer.max_time="
+            f"{record['max_time']}, trainer.max_epochs={record['max_epochs']}): no model to keep"
         )
     if trainer.is_global_zero:
         frozen = sorted(n for n, p in module.net.named_parameters() if not p.requires_grad)
@@ -205,11 +234,16 @@ def fit(cfg, run: RunFolder, module, datamodule, recipe: Mapping, callbacks=()):
     return Path(checkpoint.best_model_path), trainer, record
 
 
-def fit_record(trainer, early, recipe: Mapping) -> dict:
+def fit_record(trainer, early, max_time: str | None) -> dict:
     """How a fit ended: the epochs it ran and what stopped it.
 
     ``max_epochs`` and ``early_stopping`` give the same model on any machine; ``max_time`` is the
     wall-clock safety net, and a model it stopped depends on the machine's speed.
+
+    Args:
+        trainer: the trainer after its fit.
+        early: its ``EarlyStopping`` callback.
+        max_time: its wall-clock cap as configured (``trainer.max_time``), for the record.
     """
     from lightning.pytorch.callbacks import Timer
 
@@ -219,7 +253,7 @@ def fit_record(trainer, early, recipe: Mapping) -> dict:
         stopped_by = "interrupted"
     elif early.wait_count >= early.patience:
         stopped_by = "early_stopping"
-    elif epochs >= int(recipe["max_epochs"]):
+    elif epochs >= int(trainer.max_epochs):
         stopped_by = "max_epochs"
     elif timer is not None and (timer.time_remaining() or 0) <= 0:
         stopped_by = "max_time"
@@ -227,24 +261,24 @@ def fit_record(trainer, early, recipe: Mapping) -> dict:
         stopped_by = "other"
     if stopped_by == "max_time":
         print(
-            f"subseg: the wall-clock cap recipe.max_time={recipe['max_time']} stopped training "
-            f"after {epochs} of {recipe['max_epochs']} epochs: the result depends on this "
+            f"subseg: the wall-clock cap trainer.max_time={max_time} stopped training "
+            f"after {epochs} of {trainer.max_epochs} epochs: the result depends on this "
             "machine's speed",
             file=sys.stderr,
         )
     return {
         "epochs": epochs,
-        "max_epochs": int(recipe["max_epochs"]),
+        "max_epochs": int(trainer.max_epochs),
         "stopped_by": stopped_by,
-        "max_time": recipe["max_time"],
+        "max_time": max_time,
     }
 
 
 def save_untrained(run: RunFolder, module) -> Path:
     """Save ``module`` as the run's model without training it (No TL), through Lightning.
 
-    The checkpoint is Lightning's own (hyper-parameters, version), so evaluate.py and predict.py
-    read this run like any other.
+    The checkpoint is Lightning's own (network config, input contract, version), so evaluate.py
+    and predict.py read this run, or the checkpoint alone, like any other.
 
     Returns:
         The checkpoint path.
@@ -258,6 +292,7 @@ def save_untrained(run: RunFolder, module) -> Path:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[InputRecord(run)],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run.path,
     )

@@ -1,13 +1,15 @@
 """Lightning wrapper around the network: loss, optimiser, metrics, whole-volume validation.
 
 The network itself (:mod:`subseg.model.network`) knows nothing of Lightning; this module holds what
-a training run needs around it: cross-entropy on patch batches, Adam, voxel accuracy, and a
-callback that segments held-out subjects every few epochs and logs per-structure Dice.
+a training run needs around it: cross-entropy on patch batches, the injected optimiser and
+scheduler, voxel accuracy, and a callback that segments held-out subjects every few epochs and
+logs per-structure Dice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -22,24 +24,38 @@ from subseg.core import sharding
 from subseg.core.labels import NUM_CLASSES, STRUCTURES
 from subseg.evaluation.metrics import dice_per_structure
 from subseg.model import inference
-from subseg.model.network import VIEWS, SubcorticalNet
+from subseg.model.network import VIEWS
 from subseg.preprocessing import atlas
+from subseg.runs.trained_model import NETWORK_KEY
 
 STAGES = ("train", "val")
 
 
 class SegmentationModule(L.LightningModule):
-    """Trains :class:`SubcorticalNet` on patch batches.
+    """Trains a network (:class:`subseg.model.network.SubcorticalNet`) on patch batches.
+
+    Built by Hydra from ``conf/model``: the network, the optimiser and the scheduler are each a
+    ``_target_`` config, injected here (the optimiser and scheduler as ``_partial_`` callables,
+    completed with the trainable parameters and the optimiser).
 
     Args:
-        dropout: dropout probability of the network.
-        lr: Adam learning rate.
+        net: the network.
+        optimizer: called with the trainable parameters, gives the optimiser.
+        scheduler: called with the optimiser, gives a learning-rate scheduler; ``None``: none.
+        scheduler_monitor: the logged value a ``ReduceLROnPlateau`` scheduler watches.
     """
 
-    def __init__(self, dropout: float = 0.3, lr: float = 1e-3):
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., object] | None = None,
+        scheduler_monitor: str = "val_loss",
+    ):
         super().__init__()
-        self.save_hyperparameters()  # enough to rebuild the network from a checkpoint
-        self.net = SubcorticalNet(dropout)
+        self.net = net
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scheduler_monitor = scheduler_monitor
         # Per-class counts over the validation samples, summed across DDP ranks by torchmetrics.
         self.val_counts = MulticlassStatScores(NUM_CLASSES, average="none")
         # Epoch means of the loss and accuracy, weighted by batch size and reduced across DDP
@@ -48,6 +64,10 @@ class SegmentationModule(L.LightningModule):
         self.epoch_means = nn.ModuleDict(
             {f"{stage}_{what}": MeanMetric() for stage in STAGES for what in ("loss", "acc")}
         )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the network's config beside its weights: the checkpoint alone rebuilds it."""
+        checkpoint[NETWORK_KEY] = self.net.config()
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B×15) of a batch of :mod:`subseg.training.samples` (patches or conv features)."""
@@ -103,14 +123,23 @@ class SegmentationModule(L.LightningModule):
         self.log("val_sample_dice_mean", float(np.nanmean(dice.numpy())))
 
     def configure_optimizers(self):
-        """Adam over the trainable parameters (fine-tuning freezes some).
+        """The configured optimiser over the trainable parameters (fine-tuning freezes some).
 
-        Adam's fused kernel on the CPU and CUDA: one pass over all tensors instead of a loop over
-        each; it differs from the loop in float rounding only (bench/bench_transfer.py).
+        Adam's fused kernel is asked for on the CPU and CUDA unless the config says otherwise:
+        one pass over all tensors instead of a loop over each; it differs from the loop in float
+        rounding only (bench/bench_transfer.py). A config cannot know the device, so this is
+        decided here.
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.Adam(params, lr=self.hparams.lr, fused=fused)
+        extra = {}
+        keywords = getattr(self.optimizer, "keywords", {})
+        if "fused" in inspect.signature(self.optimizer).parameters and "fused" not in keywords:
+            extra["fused"] = all(p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = self.optimizer(params, **extra)
+        if self.scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler(optimizer), "monitor": self.scheduler_monitor}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 @dataclass

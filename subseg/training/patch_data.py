@@ -9,7 +9,7 @@ epoch with :class:`subseg.core.sharding.EpochShard`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -42,7 +42,7 @@ class PatchData(L.LightningDataModule):
 
     Args:
         build: makes the :class:`FitData` (on every rank, after ``prepare``).
-        recipe: the ``conf/recipe`` entry (``batch_size``).
+        batch_size: samples per batch (``sampling.batch_size``).
         seed: the run's seed: every epoch's order comes from it and the epoch number.
         prepare: the slow once-per-job work (``None``: nothing to do first).
         num_workers: loader processes.
@@ -51,7 +51,7 @@ class PatchData(L.LightningDataModule):
     def __init__(
         self,
         build: Callable[[], FitData],
-        recipe: Mapping,
+        batch_size: int,
         seed: int,
         prepare: Callable[[], None] | None = None,
         num_workers: int = 0,
@@ -60,7 +60,7 @@ class PatchData(L.LightningDataModule):
         # Once per job, not once per node: the run folder and the caches are one shared place.
         self.prepare_data_per_node = False
         self._build, self._prepare = build, prepare
-        self.batch_size, self.seed = int(recipe["batch_size"]), int(seed)
+        self.batch_size, self.seed = int(batch_size), int(seed)
         self.num_workers = int(num_workers)
         self.fit_data: FitData | None = None
 

@@ -28,6 +28,7 @@ from torch import nn
 from subseg.core import io
 from subseg.model import dense
 from subseg.model.network import SubcorticalNet
+from subseg.runs.trained_model import read_checkpoint
 from subseg.training.samples import SubjectSamples
 
 
@@ -101,15 +102,7 @@ def load_source_weights(net: nn.Module, checkpoint: str | Path) -> dict[str, lis
         io.InputError: unreadable file, or a tensor whose shape differs from the network's.
     """
     checkpoint = Path(checkpoint)
-    try:
-        # Tensors and plain values only: a checkpoint from elsewhere cannot run code on load.
-        stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise io.InputError(f"{checkpoint}: not a readable checkpoint ({reason})") from None
-    state = stored.get("state_dict", stored) if isinstance(stored, dict) else None
-    if not isinstance(state, dict):
-        raise io.InputError(f"{checkpoint}: holds no state_dict")
+    state = read_checkpoint(checkpoint)["state_dict"]
     state = {k.removeprefix("net."): v for k, v in state.items() if torch.is_tensor(v)}
     own = net.state_dict()
     for name, tensor in state.items():

@@ -512,9 +512,9 @@ def test_a_freesurfer_subjects_dir_fine_tunes(tiny_cohorts, checkpoint, tmp_path
         "atlas=none",
         "preprocess=none",
         "target.n_images=1",
-        "recipe.samples_per_subject=300",
-        "recipe.max_epochs=1",
-        "recipe.batch_size=64",
+        "sampling.samples_per_subject=300",
+        "trainer.max_epochs=1",
+        "sampling.batch_size=64",
         "logger=csv",
         f"paths.output_dir={tmp_path / 'out'}",
     ]

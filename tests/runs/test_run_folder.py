@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, new_module
 from hydra import compose, initialize_config_dir
 
 from subseg.core import io
@@ -9,6 +9,7 @@ from subseg.preprocessing import contract as contracts
 from subseg.preprocessing.contract import InputContract
 from subseg.runs import trained_model
 from subseg.runs.run_folder import RunFolder
+from subseg.training import fitting
 
 
 def _cfg(name, *overrides):
@@ -20,14 +21,13 @@ def _run(tmp_path, name="run", **contract_changes):
     run = RunFolder(tmp_path / name)
     run.config_file.parent.mkdir(parents=True)
     run.config_file.write_text("task: train\n")
-    run.checkpoints_dir.mkdir()
-    run.checkpoint.write_bytes(b"weights")
     contract = InputContract(
         {**contracts.default_preset("preprocess"), "cache_dir": "/training/machine"},
         {**contracts.default_preset("atlas"), "cache_dir": "/training/machine"},
         **contract_changes,
     )
     run.write_contract(contract)
+    fitting.save_untrained(run, new_module())
     run.finish("train", "0" * 16)
     return run
 
@@ -77,25 +77,23 @@ def test_options_are_checked_against_the_runs_record(tmp_path):
         contracts.check_options(older.contract(), same, run.path)
 
 
-def test_model_of_reads_the_run_and_refuses_a_foreign_checkpoint(tmp_path):
+def test_model_of_reads_the_run_and_refuses_a_foreign_checkpoint(tmp_path, checkpoint):
     run, other = _run(tmp_path), _run(tmp_path, "other", intensity="nyul", landmarks=[0.0, 1.0])
-    checkpoint, contract, found = trained_model.model_of(
-        _cfg("predict", "input=x", f"run_dir={run.path}")
-    )
-    assert checkpoint == run.checkpoint and found.path == run.path
-    _, contract, _ = trained_model.model_of(_cfg("predict", "input=x", f"ckpt={other.checkpoint}"))
-    assert contract.intensity == "nyul"  # a checkpoint inside a run folder brings its contract
+    model = trained_model.model_of(_cfg("predict", "input=x", f"run_dir={run.path}"))
+    assert model.checkpoint == run.checkpoint and model.run.path == run.path
+    model = trained_model.model_of(_cfg("predict", "input=x", f"ckpt={other.checkpoint}"))
+    assert model.contract.intensity == "nyul"  # a checkpoint inside a run folder brings its own
     mixed = _cfg("predict", "input=x", f"run_dir={run.path}", f"ckpt={other.checkpoint}")
     with pytest.raises(io.InputError, match="not a checkpoint of run_dir="):
         trained_model.model_of(mixed)
-    bare = tmp_path / "bare.ckpt"
-    bare.write_bytes(b"weights")
-    _, contract, found = trained_model.model_of(
-        _cfg("predict", "input=x", f"ckpt={bare}", "atlas=none")
-    )
-    assert (
-        found is None and contract.atlas["kind"] == "none" and contract.preprocess["kind"] == "n4"
-    )
+    # A checkpoint made elsewhere (no contract inside) takes the options, or the defaults.
+    model = trained_model.model_of(_cfg("predict", "input=x", f"ckpt={checkpoint}", "atlas=none"))
+    assert model.run is None and model.contract.atlas["kind"] == "none"
+    assert model.contract.preprocess["kind"] == "n4"
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"weights")
+    with pytest.raises(io.InputError, match="garbage.ckpt: not a readable subseg checkpoint"):
+        trained_model.model_of(_cfg("predict", "input=x", f"ckpt={garbage}"))
     (run.contract_file).unlink()
     with pytest.raises(io.InputError, match="no preprocessing.json"):
         trained_model.model_of(_cfg("predict", "input=x", f"run_dir={run.path}"))
@@ -148,7 +146,12 @@ def test_the_config_hash_ignores_where_and_how_fast(tmp_path):
         "++preprocess.threads=3",
     )
     assert config_hash(base) == config_hash(same)
-    for change in ("seed=1", "recipe.lr=0.5", "target.n_images=2", "dataset=synth_tiny_source"):
+    for change in (
+        "seed=1",
+        "model.optimizer.lr=0.5",
+        "target.n_images=2",
+        "dataset=synth_tiny_source",
+    ):
         changed = _cfg("finetune", "source_run=x", "preprocess=n4", "atlas=harvard_oxford", change)
         assert config_hash(changed) != config_hash(base), change
     assert config_hash(base, {"source": "a"}) != config_hash(base, {"source": "b"})
@@ -163,9 +166,9 @@ def test_resume_refuses_a_run_started_with_another_configuration(tmp_path):
     run.last_checkpoint.write_bytes(b"killed here")
     assert run.begin(first) == digest and run.last_checkpoint.is_file()  # kept to resume from
     with pytest.raises(io.InputError, match="was started with another configuration"):
-        run.begin(_cfg("finetune", "source_run=x", "resume=true", "recipe.lr=0.5"))
+        run.begin(_cfg("finetune", "source_run=x", "resume=true", "model.optimizer.lr=0.5"))
     assert run.last_checkpoint.is_file()  # refused before anything was cleared
-    run.begin(_cfg("finetune", "source_run=x", "recipe.lr=0.5"))  # afresh: no resume
+    run.begin(_cfg("finetune", "source_run=x", "model.optimizer.lr=0.5"))  # afresh: no resume
     assert not run.last_checkpoint.exists()
 
 

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, new_module
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -25,7 +25,6 @@ from subseg.report import report
 from subseg.runs.run_folder import RunFolder
 from subseg.tasks import evaluate, finetune, predict, train
 from subseg.training import fitting
-from subseg.training.lit_module import SegmentationModule
 
 SUBJECTS = ("t000", "t001", "t002")
 BAD = "t001"  # the subject each case spoils
@@ -55,9 +54,9 @@ def model(good_cohort, tmp_path_factory):
     run.config_file.parent.mkdir(parents=True)
     OmegaConf.save(cfg, run.config_file)
     torch.manual_seed(0)
-    fitting.save_untrained(run, SegmentationModule(dropout=0.3, lr=1e-3))
     none = {"kind": "none", "name": "none"}
     run.write_contract(InputContract(none, none))
+    fitting.save_untrained(run, new_module())
     run.splits_file.write_text(
         '{"dataset": "folder", "train": [], "val": [], "test": ["t000", "t001", "t002"]}'
     )

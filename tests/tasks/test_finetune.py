@@ -19,17 +19,17 @@ from subseg.tasks import finetune
 SOURCE = [
     "dataset=synth_tiny_source",
     "atlas=none",
-    "recipe.samples_per_subject=400",
-    "recipe.max_epochs=2",
-    "recipe.volume_dice_every=2",
-    "recipe.batch_size=64",
+    "sampling.samples_per_subject=400",
+    "trainer.max_epochs=2",
+    "volume_dice_every=2",
+    "sampling.batch_size=64",
     "logger=csv",
 ]
 TARGET = [
     "dataset=synth_tiny_target",
-    "recipe.samples_per_subject=300",
-    "recipe.max_epochs=2",
-    "recipe.batch_size=64",
+    "sampling.samples_per_subject=300",
+    "trainer.max_epochs=2",
+    "sampling.batch_size=64",
     "logger=csv",
 ]
 
@@ -134,7 +134,7 @@ def test_no_tl_and_tl1_with_cached_features(source_run):
     # A rerun that stops before its first validation keeps no model at all, never the old one.
     with pytest.raises(io.InputError, match="stopped before its first validation"):
         _finetune(
-            root, paths, source, "k1", "target.n_images=1", "recipe.max_epochs=0", "overwrite=true"
+            root, paths, source, "k1", "target.n_images=1", "trainer.max_epochs=0", "overwrite=true"
         )
     assert not (run1 / "checkpoints" / "best.ckpt").exists()
 
@@ -452,3 +452,44 @@ def test_adapt_to_your_scanner_suggest_label_finetune_segment_the_rest(source_ru
     assert sorted(r["subject"] for r in qc) == rest
     order = [float(r["worst_vs_batch"]) for r in qc]
     assert order == sorted(order)  # the likeliest wrong first
+
+
+@pytest.mark.slow
+def test_a_best_ckpt_copied_alone_predicts_as_its_run_folder(tmp_path_factory):
+    """best.ckpt is a whole model: its network, N4, Nyúl landmarks and source_labels atlas.
+
+    A fine-tuned Nyúl run from a source whose atlas is built from its own labels: the
+    checkpoint, copied out of the run folder alone, segments a scan voxel for voxel as the run
+    folder does, and flags the scan against the same training brains.
+    """
+    import shutil
+
+    root = tmp_path_factory.mktemp("alone")
+    paths = [f"paths.data_dir={root / 'data'}", f"paths.output_dir={root / 'out'}"]
+    source_labels = ["atlas=source_labels", "atlas.registration.iterations=[4,2,1]"]
+    source_options = [o for o in SOURCE if o != "atlas=none"]
+    _run("train.py", *source_options, *source_labels, *paths, cwd=root)
+    (source,) = (root / "out" / "train").glob("synth_tiny_source_*")
+    _, run = _finetune(
+        root, paths, source, "n1", "target.n_images=1", "intensity=nyul", "evaluate_source=false"
+    )
+    contract = json.loads((run / "preprocessing.json").read_text())
+    assert (contract["intensity"], contract["atlas"]["kind"]) == ("nyul", "source_labels")
+
+    alone = tmp_path_factory.mktemp("elsewhere") / "model.ckpt"
+    shutil.copy(run / "checkpoints" / "best.ckpt", alone)
+    subject = json.loads((run / "splits.json").read_text())["test"][0]
+    scan = root / "data" / "synth" / "synth_tiny_target" / "images" / f"{subject}.nii.gz"
+    outputs = {}
+    for name, model in (("by_run", f"run_dir={run}"), ("by_ckpt", f"ckpt={alone}")):
+        out = root / name
+        said = _run("predict.py", model, f"input={scan}", f"out_dir={out}", *paths, cwd=root)
+        outputs[name] = out
+    assert "bare checkpoint" not in said.stderr  # nothing was guessed for the copy
+    by_run, by_ckpt = (
+        np.asarray(nib.load(outputs[n] / f"{subject}_seg.nii.gz").dataobj) for n in outputs
+    )
+    assert by_run.any()
+    np.testing.assert_array_equal(by_ckpt, by_run)
+    for table in ("volumes.csv", "qc.csv"):  # the same volumes, scores and flags
+        assert (outputs["by_ckpt"] / table).read_text() == (outputs["by_run"] / table).read_text()

@@ -29,9 +29,9 @@ TARGET = [
     "~dataset.synth",
     "preprocess=none",
     "atlas=none",
-    "recipe.samples_per_subject=300",
-    "recipe.max_epochs=1",
-    "recipe.batch_size=64",
+    "sampling.samples_per_subject=300",
+    "trainer.max_epochs=1",
+    "sampling.batch_size=64",
     "logger=csv",
 ]
 

@@ -45,6 +45,7 @@ class _Early:
 class _Trainer:
     def __init__(self, epochs, interrupted=False, callbacks=()):
         self.current_epoch, self.interrupted, self.callbacks = epochs, interrupted, list(callbacks)
+        self.max_epochs = 10
 
 
 def test_fit_record_says_what_stopped_training():
@@ -52,7 +53,6 @@ def test_fit_record_says_what_stopped_training():
 
     from subseg.training import fitting
 
-    recipe = {"max_epochs": 10, "max_time": "00:00:01:00"}
     spent = Timer(duration="00:00:00:01")
     spent.time_remaining = lambda stage=None: 0.0
     left = Timer(duration="00:00:01:00")
@@ -65,7 +65,7 @@ def test_fit_record_says_what_stopped_training():
         (_Trainer(3, callbacks=[left]), _Early(0), "other"),
     ]
     for trainer, early, expected in cases:
-        record = fitting.fit_record(trainer, early, recipe)
+        record = fitting.fit_record(trainer, early, "00:00:01:00")
         assert record["stopped_by"] == expected and record["epochs"] == trainer.current_epoch
 
 

@@ -13,11 +13,11 @@ from subseg.runs.run_folder import RunFolder
 TINY = [
     "dataset=synth_tiny_source",
     "atlas=none",
-    "recipe.samples_per_subject=400",
-    "recipe.max_epochs=3",
-    "recipe.patience=10",
-    "recipe.volume_dice_every=1",
-    "recipe.batch_size=64",
+    "sampling.samples_per_subject=400",
+    "trainer.max_epochs=3",
+    "stopping.patience=10",
+    "volume_dice_every=1",
+    "sampling.batch_size=64",
     "logger=csv",
 ]
 
@@ -169,9 +169,9 @@ def test_the_same_train_and_finetune_twice_give_identical_summaries(runs, tmp_pa
     target = [
         "dataset=synth_tiny_target",
         "target.n_images=1",
-        "recipe.samples_per_subject=300",
-        "recipe.max_epochs=2",
-        "recipe.batch_size=64",
+        "sampling.samples_per_subject=300",
+        "trainer.max_epochs=2",
+        "sampling.batch_size=64",
         "logger=csv",
         f"source_run={whole.path}",
         "evaluate_source=false",

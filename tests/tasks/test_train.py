@@ -10,17 +10,17 @@ from hydra import compose, initialize_config_dir
 
 from subseg.core import labels
 from subseg.model.network import count_trainable
+from subseg.runs import trained_model
 from subseg.tasks import train
 from subseg.tasks.evaluate import COLUMNS
-from subseg.training.lit_module import SegmentationModule
 
 TINY = [
     "dataset=synth_tiny_source",
     "atlas=none",
-    "recipe.samples_per_subject=400",
-    "recipe.max_epochs=2",
-    "recipe.volume_dice_every=1",
-    "recipe.batch_size=64",
+    "sampling.samples_per_subject=400",
+    "trainer.max_epochs=2",
+    "volume_dice_every=1",
+    "sampling.batch_size=64",
 ]
 
 
@@ -52,8 +52,8 @@ def test_training_writes_the_run_folder_contract(tmp_path):
         assert all(0.0 <= float(r[f"val_dice/{name}"]) <= 1.0 for r in dice_rows)
     assert any(r.get("train_loss_epoch") for r in log) and any(r.get("val_loss") for r in log)
 
-    module = SegmentationModule.load_from_checkpoint(run / "checkpoints" / "best.ckpt")
-    assert count_trainable(module.net) == 882_375 and module.hparams.dropout == 0.3
+    net = trained_model.load_network(run / "checkpoints" / "best.ckpt")
+    assert count_trainable(net) == 882_375 and net.config()["dropout"] == 0.3
     assert (run / "learning_curve.png").stat().st_size > 5_000
     assert (run / "qc" / "s003_seg.png").is_file()
     assert not (run / "wandb").exists()
@@ -113,7 +113,7 @@ def test_default_logger_leaves_an_offline_wandb_run(tmp_path):
             summary.update(record["summary"].get("update", {}))
     assert config["task"] == "train" and config["method"] == "source"
     assert config["dataset"] == "synth_tiny_source" and config["preprocessing"] == "n4"
-    assert config["config"]["recipe"]["max_epochs"] == 2  # the whole resolved config
+    assert config["config"]["trainer"]["max_epochs"] == 2  # the whole resolved config
     assert header["run_group"] == "train-synth_tiny_source"
     assert {"train", "source", "n4"} <= set(header["tags"])
     results = json.loads((run / "summary.json").read_text())

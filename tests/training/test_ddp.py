@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from subseg.core import labels, sharding
 from subseg.evaluation.metrics import dice_per_structure
 from subseg.model import inference
+from subseg.runs import trained_model
 from subseg.runs.run_folder import RunFolder
 from subseg.tasks import train
-from subseg.training.lit_module import SegmentationModule
 
 # 7 subjects: 2 tested, 2 validated on whole volumes, 3 trained on; the atlas is registered.
 OVERRIDES = [
@@ -27,10 +27,10 @@ OVERRIDES = [
     "dataset.synth.n_subjects=7",
     "dataset.test_ids=[s005,s006]",
     "dataset.split.val_fraction=0.4",
-    "recipe.samples_per_subject=301",  # an odd number of samples: shards of unequal size
-    "recipe.max_epochs=1",
-    "recipe.volume_dice_every=1",
-    "recipe.batch_size=64",
+    "sampling.samples_per_subject=301",  # an odd number of samples: shards of unequal size
+    "trainer.max_epochs=1",
+    "volume_dice_every=1",
+    "sampling.batch_size=64",
     "logger=csv",
 ]
 
@@ -119,7 +119,7 @@ def test_ddp_through_train_py(tmp_path):
 
     subjects = cohort.list_subjects(dict(cfg.dataset))
     cached = train.run_subjects(cfg, run, subjects)
-    net = SegmentationModule.load_from_checkpoint(run.last_checkpoint, map_location="cpu").net
+    net = trained_model.load_network(run.last_checkpoint)
     net.eval()
     scores = np.stack(
         [

@@ -38,12 +38,13 @@ def test_trainer_presets(preset, accelerator, devices, strategy, precision):
 
 
 def test_the_trainer_is_built_from_its_config(tmp_path):
-    cfg = _train("trainer=cpu", "logger=csv", "recipe.max_epochs=3", "trainer.num_nodes=1")
+    cfg = _train("trainer=cpu", "logger=csv", "trainer.max_epochs=3", "trainer.num_nodes=1")
     run = RunFolder(tmp_path)
-    trainer, checkpoint, early = fitting.trainer_for(cfg, run, dict(cfg.recipe))
+    trainer, checkpoint, early = fitting.trainer_for(cfg, run)
     assert trainer.max_epochs == 3 and type(trainer.accelerator).__name__ == "CPUAccelerator"
     assert checkpoint in trainer.callbacks and early in trainer.callbacks
     assert any(isinstance(c, fitting.RandomState) for c in trainer.callbacks)
+    assert any(isinstance(c, fitting.InputRecord) for c in trainer.callbacks)
 
 
 def test_loggers_and_callbacks_are_added_without_code(tmp_path):

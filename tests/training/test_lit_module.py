@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, new_module
 from torch.utils.data import DataLoader
 
 from subseg.model.network import CONV_FEATURES, VIEWS
 from subseg.training import samples
-from subseg.training.lit_module import SegmentationModule
 
 
 class _StepLosses(L.Callback):
@@ -33,7 +33,7 @@ def test_epoch_means_weigh_every_sample_once():
     def loader(indices):
         return DataLoader(pooled.subset(indices), batch_size=64, collate_fn=samples.collate_batch)
 
-    module = SegmentationModule(dropout=0.3, lr=1e-3)
+    module = new_module()
     recorder = _StepLosses()
     trainer = L.Trainer(
         max_epochs=1,
@@ -59,3 +59,37 @@ def test_epoch_means_weigh_every_sample_once():
     assert float(metrics["val_loss"]) == pytest.approx(float(F.cross_entropy(logits, truth)))
     accuracy = float((logits.argmax(dim=1) == truth).float().mean())
     assert float(metrics["val_acc"]) == pytest.approx(accuracy)
+
+
+def _compose(name, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_conf_model_builds_the_module_its_network_optimiser_and_scheduler():
+    from hydra.utils import instantiate
+
+    scheduler = "torch.optim.lr_scheduler.StepLR"
+    cfg = _compose(
+        "train",
+        "model=paper",
+        f"model.scheduler={{_target_: {scheduler}, _partial_: true, step_size: 2}}",
+    )
+    module = instantiate(cfg.model)
+    assert module.net.config()["dropout"] == 0.5
+    chosen = module.configure_optimizers()
+    optimizer = chosen["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-2
+    assert optimizer.defaults["fused"]  # on the CPU, unless the config says otherwise
+    assert isinstance(chosen["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    plain = instantiate(_compose("train").model).configure_optimizers()
+    assert isinstance(plain, torch.optim.Adam) and plain.defaults["lr"] == 1e-3
+
+
+def test_fine_tuning_takes_its_learning_rate_from_the_freeze_preset_alone():
+    for preset, lr in (("paper", 1e-4), ("released_code", 1e-3)):
+        cfg = _compose("finetune", f"freeze={preset}")
+        assert cfg.model.optimizer.lr == cfg.freeze.lr == lr
+    assert _compose("train", "recipe=paper").model.optimizer.lr == 1e-2  # training: the model's

@@ -2,13 +2,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, new_module
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from subseg.core import io
 from subseg.training import transfer
-from subseg.training.lit_module import SegmentationModule
 from subseg.training.samples import (
     PatchDataset,
     SubjectSamples,
@@ -27,7 +26,7 @@ def _preset(name, **changes):
 def _source_module(seed=0):
     """A 'source' network with non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
-    module = SegmentationModule(dropout=0.3, lr=1e-3)
+    module = new_module()
     for m in module.net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.3, 0.3)
@@ -60,7 +59,7 @@ def test_weights_load_strictly_on_shapes(tmp_path):
     with pytest.raises(io.InputError, match=r"bad.ckpt: tensor fc2.weight has shape \(10, 10\)"):
         transfer.load_source_weights(target.net, tmp_path / "bad.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(io.InputError, match="junk.ckpt: not a readable checkpoint"):
+    with pytest.raises(io.InputError, match="junk.ckpt: not a readable subseg checkpoint"):
         transfer.load_source_weights(target.net, tmp_path / "junk.ckpt")
 
 
