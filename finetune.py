@@ -1,21 +1,6 @@
 """python finetune.py …: see conf/finetune.yaml."""
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from subseg.core import io, job_threads, start_method
-from subseg.tasks import finetune
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
-def main(cfg: DictConfig) -> None:
-    """Fine-tune a source model on k target images and evaluate it on the rest."""
-    job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
-    start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
-    with io.cli_errors():
-        finetune.finetune(cfg, HydraConfig.get().runtime.output_dir)
-
+from subseg.tasks.commands import finetune
 
 if __name__ == "__main__":
-    main()
+    finetune()

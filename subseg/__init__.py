@@ -8,9 +8,16 @@ input contract), ``model`` (the network, patches, dense evaluation, inference), 
 models, method keys, dashboards), ``training`` (samples, the Lightning module, fitting, transfer),
 ``report`` (tables and figures of a protocol) and ``tasks`` (what each command runs). A module
 imports only from its own subpackage or lower ones; ``tests/test_layering.py`` checks it.
+The configs every command composes ship inside the package, in ``subseg/conf``
+(:data:`CONF_DIR`).
 """
 
+from pathlib import Path
+
 from subseg.core import config_identity  # noqa: F401  registers the config_id resolver run names use
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The Hydra config tree, shipped inside the package (the repository's ``conf`` links to it)."""
 
 LAYERS = (
     "core",

@@ -740,7 +740,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="PNG (default: <image>_prior.png)")
     args = parser.parse_args(argv)
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    from subseg import CONF_DIR as conf
+
     config_path = Path(args.atlas)
     if not config_path.is_file():
         config_path = conf / "atlas" / f"{args.atlas}.yaml"

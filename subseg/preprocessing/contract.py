@@ -19,12 +19,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from subseg import CONF_DIR  # default presets are read from the shipped config tree
 from subseg.core import io
 from subseg.core.config_identity import LOCAL_KEYS  # where or how fast, never what: not recorded
 from subseg.preprocessing import atlas, bias, brain, transforms
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-"""The Hydra config tree (default presets are read from it)."""
 
 DEFAULTS = {"preprocess": "n4", "atlas": "harvard_oxford"}
 """Preset used where neither a run folder nor the command line says (a bare checkpoint)."""
