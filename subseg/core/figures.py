@@ -1,4 +1,9 @@
-"""Figures people would rather see than read: learning curves."""
+"""Figures people would rather see than read, and the one writer every figure goes through.
+
+:func:`save_figure` lays out and writes every PNG subseg makes (overlays, learning curves, the
+report's figures, suggestions), atomically; :func:`learning_curve` is a run's loss and
+validation Dice per epoch.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from subseg.core.overlay import save_figure
+from subseg.core import io
 
 
 def learning_curve(log_csv: str | Path, path: str | Path) -> Path | None:
@@ -45,3 +50,26 @@ def learning_curve(log_csv: str | Path, path: str | Path) -> Path | None:
     loss_ax.legend()
     dice_ax.set(xlabel="epoch", ylabel="mean Dice (14 structures)", title="whole-volume validation")
     return save_figure(fig, path)
+
+
+def _bottom_band(fig: Figure) -> float:
+    # tight_layout ignores figure legends, so measure those anchored at the bottom (add_legend's)
+    # and keep the axes above them.
+    top = 0.0
+    for legend in fig.legends:
+        box = legend.get_window_extent().transformed(fig.transFigure.inverted())
+        if box.y0 < 0.5:
+            top = max(top, box.y1)
+    return min(top, 0.5)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically (figures are built without pyplot: no display).
+
+    Axes are laid out with ``tight_layout`` above any colour key drawn below them
+    (:func:`subseg.core.overlay.add_legend`).
+    """
+    fig.tight_layout(rect=(0, _bottom_band(fig), 1, 1))
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    return Path(path)

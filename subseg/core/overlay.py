@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 from matplotlib.patches import Patch
 
-from subseg.core import io
 from subseg.core import labels as label_protocol
+from subseg.core.figures import save_figure
 
 # One hue per structure, right a shade darker than left, so pairs read as pairs.
 _HUES = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#17becf", "#e377c2"]
@@ -240,25 +240,3 @@ def save_overlay(
         The path written.
     """
     return save_figure(overlay_figure(image, classes, spacing, title, outline), path)
-
-
-def _bottom_band(fig: Figure) -> float:
-    # tight_layout ignores figure legends, so measure those anchored at the bottom (add_legend's)
-    # and keep the axes above them.
-    top = 0.0
-    for legend in fig.legends:
-        box = legend.get_window_extent().transformed(fig.transFigure.inverted())
-        if box.y0 < 0.5:
-            top = max(top, box.y1)
-    return min(top, 0.5)
-
-
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Save a matplotlib figure atomically (figures are built without pyplot: no display).
-
-    Axes are laid out with ``tight_layout`` above any colour key from :func:`add_legend`.
-    """
-    fig.tight_layout(rect=(0, _bottom_band(fig), 1, 1))
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    return Path(path)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from subseg.core import io, overlay
+from subseg.core import figures, io, overlay
 from subseg.core import labels as label_protocol
 from subseg.data import cohort
 from subseg.preprocessing import transforms
@@ -134,7 +134,7 @@ def preview_cohorts(datasets: Mapping[str, Mapping], path: str | Path) -> Path:
     for row_axes, (image, label, spacing, title) in zip(axes, rows, strict=True):
         overlay.draw_row(row_axes, image, label, spacing, title)
     overlay.add_legend(fig)
-    return overlay.save_figure(fig, path)
+    return figures.save_figure(fig, path)
 
 
 def write_cohort_preview(cfg: DictConfig) -> dict:

@@ -32,6 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from subseg.core import cache, environment, io
+from subseg.core.figures import save_figure
 from subseg.core.labels import STRUCTURES
 from subseg.evaluation import metrics, quality, stats
 from subseg.runs.method_keys import FAMILIES, family_of, sort_key
@@ -326,8 +327,12 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def learning_curve(summary: dict, path: str | Path) -> Path:
-    """Avg Dice against k, one line per method family (the paper's Fig. 4)."""
+def transfer_curve(summary: dict, path: str | Path) -> Path:
+    """Avg Dice against k, one line per method family (the paper's Fig. 4): ``learning_curve.png``.
+
+    Not a run's learning curve per epoch (:func:`subseg.core.figures.learning_curve`): the
+    protocol's, over the number of labelled target images.
+    """
     methods = summary["methods"]
     families: dict[str, list[tuple[int, float, float]]] = {}
     for method, s in methods.items():
@@ -355,7 +360,7 @@ def learning_curve(summary: dict, path: str | Path) -> Path:
     ax.set_title("Transfer learning curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def structures_vs_k(summary: dict, path: str | Path, family: str = "tl") -> Path | None:
@@ -382,15 +387,7 @@ def structures_vs_k(summary: dict, path: str | Path, family: str = "tl") -> Path
     axes[0].set_ylabel("Dice")
     axes[0].legend(fontsize=7)
     fig.supxlabel("labelled target images k (0 = No TL)")
-    return _save(fig, path)
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def quality_vs_dice(runs: Sequence[Run], path: str | Path, methods=("no_tl", "tl1")) -> dict | None:
@@ -426,7 +423,7 @@ def quality_vs_dice(runs: Sequence[Run], path: str | Path, methods=("no_tl", "tl
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     used = sorted({m for _, _, m in pairs}, key=sort_key)
     return {"spearman": rho, "n_pairs": len(pairs), "methods": used}
 
@@ -455,7 +452,7 @@ def write_report(
     write_summary(summary, out_dir)
     with io.atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(markdown(summary, title, notes))
-    learning_curve(summary, out_dir / "learning_curve.png")
+    transfer_curve(summary, out_dir / "learning_curve.png")
     structures_vs_k(summary, out_dir / "structures_vs_k.png")
     return summary
 

@@ -8,6 +8,9 @@ console scripts (``subseg-train …``); both read the configs shipped inside the
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -20,60 +23,37 @@ from subseg.core import io, job_threads, start_method
 CONFIGS = str(CONF_DIR)
 
 
-def _job(cfg: DictConfig) -> None:
-    """What every job does first: its share of the cores, and a start method its pools can use."""
-    job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
-    start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
+RUN_FOLDER_TASKS = ("train", "finetune", "evaluate")
+"""The commands that write a run folder: Hydra's run directory, named by the config."""
 
 
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
-def train(cfg: DictConfig) -> None:
-    """Train on the source cohort, then evaluate on its test split (``subseg-train``)."""
-    from subseg.tasks import train as task
+def _command(name: str, doc: str) -> Callable[[], None]:
+    """The Hydra entry point of command ``name``: ``subseg.tasks.<name>.<name>(cfg, …)``.
 
-    _job(cfg)
-    with io.cli_errors():
-        task.train(cfg, HydraConfig.get().runtime.output_dir)
+    The task's module is imported when the command runs, so each command starts with what it
+    uses only.
+    """
 
+    @hydra.main(version_base="1.3", config_path=CONFIGS, config_name=name)
+    def main(cfg: DictConfig) -> None:
+        job_threads.apply(cfg.threads)  # its share of the cores when a sweep runs jobs side by side
+        start_method.reset_in_loky_worker()  # lets a joblib job start its N4/registration pools
+        task = getattr(importlib.import_module(f"subseg.tasks.{name}"), name)
+        with io.cli_errors():
+            if name in RUN_FOLDER_TASKS:
+                task(cfg, HydraConfig.get().runtime.output_dir)
+            else:
+                task(cfg)
 
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="finetune")
-def finetune(cfg: DictConfig) -> None:
-    """Fine-tune a source model on k target images and evaluate it (``subseg-finetune``)."""
-    from subseg.tasks import finetune as task
-
-    _job(cfg)
-    with io.cli_errors():
-        task.finetune(cfg, HydraConfig.get().runtime.output_dir)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="evaluate")
-def evaluate(cfg: DictConfig) -> None:
-    """Evaluate a model on its cohort's test subjects, or another's (``subseg-evaluate``)."""
-    from subseg.tasks import evaluate as task
-
-    _job(cfg)
-    with io.cli_errors():
-        task.evaluate(cfg, HydraConfig.get().runtime.output_dir)
+    main.__doc__ = doc
+    return main
 
 
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="predict")
-def predict(cfg: DictConfig) -> None:
-    """Segment every input T1 and report structure volumes (``subseg-predict``)."""
-    from subseg.tasks import predict as task
-
-    _job(cfg)
-    with io.cli_errors():
-        task.predict(cfg)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="suggest")
-def suggest(cfg: DictConfig) -> None:
-    """Rank scans by how much labelling each would help fine-tuning (``subseg-suggest``)."""
-    from subseg.tasks import suggest as task
-
-    _job(cfg)
-    with io.cli_errors():
-        task.suggest(cfg)
+train = _command("train", "Train on the source cohort, then evaluate on its test split.")
+finetune = _command("finetune", "Fine-tune a source model on k target images and evaluate it.")
+evaluate = _command("evaluate", "Evaluate a model on its cohort's test subjects, or another's.")
+predict = _command("predict", "Segment every input T1 and report structure volumes.")
+suggest = _command("suggest", "Rank scans by how much labelling each would help fine-tuning.")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="demo")

@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 from scipy.spatial.distance import cdist
 
 from subseg.core import io
+from subseg.core.figures import save_figure
 from subseg.core.labels import NUM_CLASSES
-from subseg.core.overlay import save_figure
 from subseg.model import dense
 from subseg.model.network import SubcorticalNet
 from subseg.preprocessing.atlas import Prior

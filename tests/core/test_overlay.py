@@ -2,7 +2,7 @@ import matplotlib.image as mpimg
 import numpy as np
 from matplotlib.figure import Figure
 
-from subseg.core import overlay
+from subseg.core import figures, overlay
 from subseg.core.labels import STRUCTURES
 
 
@@ -78,7 +78,7 @@ def test_add_legend_lists_all_structures_below_the_slices(tmp_path):
     for row_axes in fig.subplots(2, 3, squeeze=False):
         overlay.draw_row(row_axes, image, classes, (1, 1, 2), "row")
     legend = overlay.add_legend(fig)
-    overlay.save_figure(fig, tmp_path / "rows.png")
+    figures.save_figure(fig, tmp_path / "rows.png")
 
     labels, colours = _legend_entries(legend)
     assert labels[:2] == ["R thalamus", "L thalamus"]
