@@ -112,8 +112,12 @@ def loggers(cfg: DictConfig, run: RunFolder) -> list:
             extra["save_dir"] = str(run.path)
         if target.__name__ == "WandbLogger":
             extra.update(dashboard.wandb_defaults(cfg, run, given))
-        # Plain dicts and lists: W&B cannot serialise OmegaConf containers in its run config.
-        chosen.append(instantiate({**given, **extra}, _convert_="all"))
+        # The logger's own arguments through Hydra (plain dicts and lists: W&B cannot serialise
+        # OmegaConf containers); the ones added here go straight to the logger, since Hydra would
+        # build every `_target_` inside them, and the W&B config holds the whole run config
+        # (its model, trainer and loggers).
+        own = {k: v for k, v in given.items() if k != "_target_"}
+        chosen.append(target(**instantiate(own, _convert_="all"), **extra))
     return chosen
 
 

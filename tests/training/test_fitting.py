@@ -64,6 +64,21 @@ def test_loggers_and_callbacks_are_added_without_code(tmp_path):
     assert type(swa).__name__ == "StochasticWeightAveraging"
 
 
+def test_the_wandb_config_is_the_run_config_not_objects_built_from_it(tmp_path, monkeypatch):
+    """Hydra builds every `_target_` it is handed: the run config given to W&B must not be."""
+    import torch
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = _train("logger=wandb")
+    before = torch.get_rng_state()
+    chosen = fitting.loggers(cfg, RunFolder(tmp_path))
+    assert torch.equal(torch.get_rng_state(), before)  # no network was initialised on the side
+    config = chosen[1]._wandb_init["config"]["config"]
+    assert config["model"]["_target_"] == "subseg.training.lit_module.SegmentationModule"
+    assert config["trainer"]["_target_"] == "lightning.pytorch.Trainer"
+    assert config["trainer"]["max_epochs"] == cfg.trainer.max_epochs
+
+
 def test_a_logger_without_a_target_is_one_line(tmp_path):
     cfg = _train("logger=csv", "+logger.bad.name=x")
     with pytest.raises(io.InputError, match="logger.bad: give a Lightning logger"):
