@@ -343,7 +343,7 @@ class RunFolder:
             if saved.resolve() != self.atlas_dir.resolve():
                 shutil.rmtree(self.atlas_dir, ignore_errors=True)
                 shutil.copytree(saved, self.atlas_dir)
-            record["atlas"] = {**contract.atlas, "path": None}  # this folder's atlas/
+            record["atlas"] = {**record["atlas"], "path": None}  # this folder's atlas/
         self.path.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(self.contract_file) as tmp:
             tmp.write_text(json.dumps(record, indent=2))

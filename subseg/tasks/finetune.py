@@ -19,6 +19,7 @@ from subseg.data import cohort
 from subseg.evaluation import metrics
 from subseg.preprocessing import contract as contracts
 from subseg.preprocessing.contract import as_dict
+from subseg.runs import trained_model
 from subseg.runs.method_keys import method_key
 from subseg.runs.run_folder import RunFolder, is_first_process
 from subseg.runs.trained_model import source_run
@@ -87,7 +88,12 @@ def _source_and_contract(cfg: DictConfig):
             "mix_source=true trains from scratch on a source run's images too: "
             "set init=scratch and source_run=<training run folder>"
         )
-    if cfg.intensity == "nyul" and source_dir is None:
+    embedded = None
+    if source_dir is None and source_ckpt is not None:  # a checkpoint alone carries its own
+        stored = trained_model.read_checkpoint(source_ckpt)
+        embedded = trained_model.checkpoint_contract(stored, source_ckpt)
+    nyul_known = embedded is not None and embedded.intensity == "nyul"
+    if cfg.intensity == "nyul" and source_dir is None and not nyul_known:
         raise io.InputError(
             "intensity=nyul standardises to the source training images: name the source "
             "run folder, source_run=<training run folder>"
@@ -95,6 +101,8 @@ def _source_and_contract(cfg: DictConfig):
     if source_dir is not None:  # the source run's input contract, never loose options
         contract = source_dir.contract()
         contracts.check_options(contract, cfg, source_dir.path)
+    elif embedded is not None:  # the checkpoint's own record
+        contract = contracts.check_options(embedded, cfg, source_ckpt)
     else:
         why = (
             f"{source_ckpt} is a bare checkpoint (what it was trained with is unknown; no "
@@ -105,7 +113,8 @@ def _source_and_contract(cfg: DictConfig):
         contract = contracts.contract_from_options(cfg, why)
     if contract.intensity == "nyul" and cfg.intensity != "nyul":  # a Nyúl-tuned source model
         raise io.InputError(
-            f"{source_dir.path}: the model was trained with intensity=nyul; "
+            f"{source_dir.path if source_dir else source_ckpt}: the model was trained with "
+            "intensity=nyul; "
             f"intensity={cfg.intensity} would feed it other input (add intensity=nyul)"
         )
     if cfg.intensity != contract.intensity:
@@ -213,7 +222,6 @@ def _starting_model(cfg, source_ckpt, init: str, k: int):
     from hydra.utils import instantiate
 
     from subseg.model.network import build_network
-    from subseg.runs import trained_model
 
     config = None
     if source_ckpt is not None:

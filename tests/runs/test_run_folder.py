@@ -3,6 +3,7 @@ import json
 import pytest
 from conftest import REPO, new_module
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from subseg.core import io
 from subseg.preprocessing import contract as contracts
@@ -75,6 +76,20 @@ def test_options_are_checked_against_the_runs_record(tmp_path):
     assert "inside the brain" not in older.contract().describe()
     with pytest.raises(io.InputError, match="trained with preprocess=n4"):
         contracts.check_options(older.contract(), same, run.path)
+
+
+def test_a_saved_atlas_is_copied_in_and_recorded_without_local_settings(tmp_path):
+    saved = tmp_path / "saved_atlas"
+    saved.mkdir()
+    (saved / "structures.nii.gz").write_bytes(b"atlas")
+    atlas = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "atlas" / "source_labels.yaml"))
+    atlas.update(path=str(saved), cache_dir="/training/machine")
+    run = RunFolder(tmp_path / "run")
+    run.write_contract(InputContract(contracts.default_preset("preprocess"), atlas))
+    record = json.loads(run.contract_file.read_text())["atlas"]
+    assert record["path"] is None and "cache_dir" not in record  # this folder's atlas/
+    assert "threads" not in record["registration"]
+    assert (run.atlas_dir / "structures.nii.gz").read_bytes() == b"atlas"
 
 
 def test_model_of_reads_the_run_and_refuses_a_foreign_checkpoint(tmp_path, checkpoint):

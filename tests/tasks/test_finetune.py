@@ -493,3 +493,19 @@ def test_a_best_ckpt_copied_alone_predicts_as_its_run_folder(tmp_path_factory):
     np.testing.assert_array_equal(by_ckpt, by_run)
     for table in ("volumes.csv", "qc.csv"):  # the same volumes, scores and flags
         assert (outputs["by_ckpt"] / table).read_text() == (outputs["by_run"] / table).read_text()
+
+    # Fine-tuned further from the copy alone, the model keeps its input: atlas, N4, landmarks.
+    _, again = _finetune(root, paths, alone, "from_copy", "target.n_images=0", "intensity=nyul")
+    kept = json.loads((again / "preprocessing.json").read_text())
+    assert kept == contract
+    assert (again / "atlas" / "structures.nii.gz").read_bytes() == (
+        run / "atlas" / "structures.nii.gz"
+    ).read_bytes()
+
+    def dice(folder):
+        with open(folder / "metrics.csv", newline="") as f:
+            return {(r["subject"], r["structure"]): float(r["dsc"]) for r in csv.DictReader(f)}
+
+    tuned, copied = dice(run), dice(again)  # No TL tests every scan; TL-1 all but its one
+    assert tuned and tuned.keys() <= copied.keys()
+    assert all(copied[k] == pytest.approx(v, abs=1e-6) for k, v in tuned.items())
