@@ -130,7 +130,12 @@ class SubcorticalNet(nn.Module):
 
         Saved in every checkpoint, so that a checkpoint alone rebuilds its network.
         """
-        return {"_target_": f"{__name__}.{type(self).__qualname__}", "dropout": self.dropout_p}
+        return self.config_of(self.dropout_p)
+
+    @classmethod
+    def config_of(cls, dropout: float) -> dict:
+        """The config of a network with this dropout, without building one."""
+        return {"_target_": f"{__name__}.{cls.__qualname__}", "dropout": float(dropout)}
 
     def path_features(self, patches: dict[str, torch.Tensor] | tuple) -> torch.Tensor:
         """Concatenated path outputs (B×540) of the axial, coronal and sagittal patches."""

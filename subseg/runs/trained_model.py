@@ -178,7 +178,7 @@ def network_config(stored: dict) -> dict | None:
         return None
     from subseg.model.network import SubcorticalNet
 
-    return SubcorticalNet(float(dropout)).config()
+    return SubcorticalNet.config_of(dropout)
 
 
 def network_of(stored: dict, checkpoint: str | Path):
