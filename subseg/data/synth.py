@@ -227,7 +227,7 @@ class CohortParams:
             raise ValueError(
                 f"unknown synthetic domain {self.domain!r}; choose one of {list(DOMAINS)}"
             )
-        return dataclasses.replace(DOMAINS[self.domain], **dict(self.extra))
+        return dataclasses.replace(DOMAINS[self.domain], **_spec_fields(self.extra))
 
     def subject_ids(self) -> list[str]:
         """Subject ids in generation order."""
@@ -242,6 +242,26 @@ class CohortParams:
             "spec": dataclasses.asdict(self.spec),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _spec_fields(extra: Mapping) -> dict:
+    """``extra`` overrides as :class:`DomainSpec` fields.
+
+    A config's lists and mappings (a YAML ``groups`` or ``rater`` entry, a ``voxel_mm`` list)
+    become the frozen, hashable tuples and dataclasses the generator takes.
+    """
+    fields = {k: v for k, v in dict(extra).items()}
+    if "groups" in fields:
+        fields["groups"] = tuple(
+            g if isinstance(g, ScannerGroup) else ScannerGroup(**dict(g)) for g in fields["groups"]
+        )
+    if "rater" in fields:
+        fields["rater"] = tuple(
+            r if isinstance(r, BoundaryRule) else BoundaryRule(**dict(r)) for r in fields["rater"]
+        )
+    if "voxel_mm" in fields:
+        fields["voxel_mm"] = tuple(float(v) for v in fields["voxel_mm"])
+    return fields
 
 
 @dataclass

@@ -68,3 +68,14 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     if a.size < 3:
         return float("nan")
     return float(stats.spearmanr(a, b).statistic)
+
+
+def percentile_rank(value: float, others: Sequence[float]) -> float:
+    """Where ``value`` stands among ``others``: the share of them it reaches or beats, 0–100.
+
+    100 means no other is higher (ties count as reached); 0 means every other is higher.
+    """
+    others = np.asarray(list(others), dtype=float)
+    if not others.size:
+        raise ValueError("a percentile rank needs at least one other value")
+    return float(100.0 * np.mean(value >= others))

@@ -46,7 +46,7 @@ class Run:
     folder: Path
     method: str
     n_images: int
-    draw: int
+    draw: int | str  # the draw number, or the scans a run named (target.ids): what it trained on
     rows: list[dict]
     source_rows: list[dict] = field(default_factory=list)
     environment: dict | None = None
@@ -101,7 +101,11 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
                     folder=folder,
                     method=summary["method"],
                     n_images=int(summary.get("n_images", target.get("n_images", 0))),
-                    draw=int(target.get("draw", 0)),
+                    draw=(
+                        "+".join(sorted(map(str, target["ids"])))
+                        if target.get("ids")
+                        else int(target.get("draw", 0))
+                    ),
                     rows=read_metrics(run.metrics_file),
                     source_rows=read_metrics(source_metrics) if source_metrics.is_file() else [],
                     environment=run.environment(),
@@ -193,7 +197,7 @@ def summarize_methods(runs: Sequence[Run], baseline: str = "no_tl") -> dict:
         summary = metrics.summarize(_pooled(method_runs))
         summary.update(
             n_runs=len(method_runs),
-            draws=sorted({r.draw for r in method_runs}),
+            draws=sorted({r.draw for r in method_runs}, key=str),
             n_images=method_runs[0].n_images,
             avg_per_draw=[metrics.summarize(r.rows)["avg"] for r in method_runs],
         )

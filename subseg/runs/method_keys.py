@@ -18,6 +18,9 @@ FAMILIES = (
     ("no_tl", "No TL"),
     ("nyul_no_tl", "Nyúl No TL"),
     ("tl", "TL"),
+    ("tl_adabn", "AdaBN (+ TL)"),
+    ("tl_self", "self-training (+ TL)"),
+    ("tl_adabn_self", "AdaBN + self-training (+ TL)"),
     ("nyul_tl", "Nyúl + TL"),
     ("scratch", "scratch"),
     ("nyul_scratch", "Nyúl scratch"),
@@ -46,6 +49,9 @@ def method_key(cfg: DictConfig) -> str:
         return f"{prefix}{'mixed' if cfg.get('mix_source') else 'scratch'}{k}"
     preset = "" if cfg.freeze.name == "paper" else f"_{cfg.freeze.name}"
     picked = "_suggested" if (cfg.target.get("pick") or "random") == "suggested" else ""
+    unlabelled = (cfg.get("adapt") or {}).get("label_free")
+    if unlabelled not in (None, "none"):  # adapted to the unlabelled scans: tl0_adabn, tl1_self
+        return f"{prefix}tl{k}{preset}{picked}_{unlabelled}"
     return f"{prefix}no_tl" if k == 0 else f"{prefix}tl{k}{preset}{picked}"
 
 

@@ -23,7 +23,7 @@ from subseg.runs import trained_model
 from subseg.runs.method_keys import method_key
 from subseg.runs.run_folder import RunFolder, is_first_process
 from subseg.runs.trained_model import source_run
-from subseg.tasks import evaluate
+from subseg.tasks import evaluate, label_free
 from subseg.training import fitting
 from subseg.training.preparation import (
     cached_subjects,
@@ -65,6 +65,13 @@ def check_options(cfg: DictConfig) -> None:
             f"target.fold={fold} is a leave-one-out fold: use +experiment=loo (every other image "
             "trained on, the fold in the run name)"
         )
+    steps = label_free.steps_of(cfg)
+    if steps and "ddp" in str(cfg.trainer.get("strategy") or ""):
+        raise io.InputError(
+            f"adapt.label_free={cfg.adapt.label_free} runs in one process: trainer=cpu or gpu"
+        )
+    if steps and cfg.target.get("loo"):
+        raise io.InputError("target.loo=true with adapt.label_free: not supported, choose one")
     if cfg.init == "scratch" and cfg.freeze.name != "none":
         raise io.InputError(
             f"init=scratch trains every layer from random weights: add freeze=none "
@@ -135,10 +142,11 @@ def _draw(cfg: DictConfig, dataset: dict, source_ckpt, contract) -> tuple[dict, 
     """
     subjects = cohort.list_subjects(dataset, require_labels=False)
     unlabelled = [s.id for s in subjects if s.label is None]
-    if unlabelled:
+    if unlabelled and not label_free.steps_of(cfg):
         print(
             f"subseg: {len(unlabelled)} of the {len(subjects)} scans of {dataset.get('name')} "
-            "have no label: they are not used here (segment them with predict.py)"
+            "have no label: they are not used here (segment them with predict.py, or adapt to "
+            "them with adapt.label_free=adabn_self)"
         )
     chosen = cfg.target.get("ids")
     ranking = None
@@ -162,7 +170,7 @@ def _draw(cfg: DictConfig, dataset: dict, source_ckpt, contract) -> tuple[dict, 
     )
     if cfg.init == "scratch" and not draw["train"]:
         raise io.InputError("init=scratch needs labelled target images: target.n_images >= 1")
-    if not draw["test"] and not draw["train"]:
+    if not draw["test"] and not draw["train"] and not label_free.steps_of(cfg):
         raise io.InputError(f"{dataset.get('root')}: no labelled scans to test or fine-tune on")
     if cfg.target.get("loo") and (draw["test"] or len(draw["train"]) < 2):
         raise io.InputError(
@@ -250,6 +258,7 @@ def _evaluate(cfg, run: RunFolder, net, cached, test_ids, by_id, loggers, record
             "n_images": record["n_images"],
             "method": method_key(cfg),
             **({"fit": record["fit"]} if "fit" in record else {}),
+            **({"label_free": label_free.summary_of(record)} if "label_free" in record else {}),
         },
     )
     print(
@@ -259,8 +268,10 @@ def _evaluate(cfg, run: RunFolder, net, cached, test_ids, by_id, loggers, record
     return summary
 
 
-def _training_set(cfg, module, items, preset, record: dict):
+def _training_set(cfg, module, items, preset, record: dict, extra=()):
     """Pool the training samples: cached frozen-layer features when the preset allows.
+
+    ``extra``: pseudo-labelled samples, pooled after the labelled ones.
 
     Returns:
         (the dataset, (train indices, validation indices)).
@@ -269,7 +280,7 @@ def _training_set(cfg, module, items, preset, record: dict):
     from subseg.training.samples import PatchDataset
 
     rng = np.random.default_rng(int(cfg.seed))
-    samples, train_idx, val_idx = fitting.pooled_samples(items, as_dict(cfg.sampling), rng)
+    samples, train_idx, val_idx = fitting.pooled_samples(items, as_dict(cfg.sampling), rng, extra)
     scratch = cfg.init == "scratch"
     record["cached_features"] = not scratch and transfer.caches_conv_features(module.net, preset)
     if record["cached_features"]:
@@ -280,8 +291,10 @@ def _training_set(cfg, module, items, preset, record: dict):
     return pooled, (train_idx, val_idx)
 
 
-def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
+def _adapt(cfg, run: RunFolder, module, items: list, record: dict, extra=()):
     """Fit the k images (reset layers re-initialised, frozen ones per the preset).
+
+    ``extra``: pseudo-labelled samples of unlabelled scans, pooled with the k images' samples.
 
     Returns:
         (the fine-tuned network in eval mode, the trainer).
@@ -298,7 +311,7 @@ def _adapt(cfg, run: RunFolder, module, items: list, record: dict):
     if cfg.init != "scratch":
         record["reset"] = transfer.reset_layers(module.net, preset)
         callbacks.append(transfer.FreezeSchedule(preset))
-    pooled, (train_idx, val_idx) = _training_set(cfg, module, items, preset, record)
+    pooled, (train_idx, val_idx) = _training_set(cfg, module, items, preset, record, extra)
     fit_data = PatchData(
         lambda: FitData(pooled, train_idx, val_idx),
         cfg.sampling.batch_size,
@@ -344,7 +357,18 @@ def _without_test(cfg: DictConfig, run: RunFolder, record: dict, first: bool, tr
         "held_out": 0,
         "checkpoint": str(run.checkpoint.relative_to(run.path)),
         **({"fit": record["fit"]} if "fit" in record else {}),
+        **({"label_free": label_free.summary_of(record)} if "label_free" in record else {}),
     }
+    if "label_free" in record and not train:  # no label at all: nothing to measure Dice on
+        if first:
+            run.publish_results([], list(evaluate.COLUMNS), summary)
+        print(
+            f"subseg: {method_key(cfg)} adapted to {summary['label_free']['pool']} unlabelled "
+            f"scans (their quality score {summary['label_free']['pool_qc']:.3f}); no labelled "
+            f"scan to measure its Dice on. Segment with predict.py run_dir={run.path} and check "
+            "the scans its qc.csv flags"
+        )
+        return summary
     if cfg.target.get("loo"):
         summary["loo_estimate"] = _leave_one_out(cfg, run, train)
         estimate = summary["loo_estimate"]
@@ -442,8 +466,10 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     init = "scratch" if cfg.init == "scratch" else str(source_ckpt)
     dataset = as_dict(cfg.dataset)
     draw, ranking = _draw(cfg, dataset, source_ckpt, contract)
+    pool = label_free.pool_subjects(cfg, dataset, draw) if label_free.steps_of(cfg) else []
     # Everything that can be refused is checked before the run folder is touched.
-    subjects = check_cohort(dataset, {i for ids in draw.values() for i in ids})
+    drawn = {i for ids in draw.values() for i in ids}
+    subjects = check_cohort(dataset, drawn) if drawn else []  # none: a label-free run
     L.seed_everything(int(cfg.seed), workers=True)
     module, record = _starting_model(cfg, source_ckpt, init, len(draw["train"]))
     digest = run.begin(
@@ -471,7 +497,20 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     run.write_contract(contract)
     by_id = {s.id: s for s in subjects}
     cached = cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
-    if record["n_images"] == 0:  # No TL: the source model as is, saved by Lightning
+    if pool:  # adapted to the unlabelled scans too (and to the k labelled ones, if any)
+        items = list(cached(splits["train"])) if splits["train"] else []
+        prepared = label_free.prepare_pool(pool, contract, source)
+        net, trainer = label_free.adapt(
+            cfg,
+            run,
+            module,
+            items,
+            prepared,
+            record,
+            lambda m, its, rec, extra: _adapt(cfg, run, m, its, rec, extra),
+        )
+        loggers, first = (trainer.loggers if trainer else ()), True
+    elif record["n_images"] == 0:  # No TL: the source model as is, saved by Lightning
         fitting.save_untrained(run, module)
         net, loggers, first = module.net.eval(), (), True
     else:

@@ -133,13 +133,14 @@ def callbacks_of(cfg: DictConfig) -> list:
     return added
 
 
-def pooled_samples(items, sampling: Mapping, rng: np.random.Generator):
+def pooled_samples(items, sampling: Mapping, rng: np.random.Generator, extra=()):
     """Sample every subject (docs/method.md §4) and split the pooled samples into train/val.
 
     Args:
         items: the prepared subjects.
         sampling: the ``conf/sampling`` entry (samples per subject, validation fraction, level).
         rng: the run's generator.
+        extra: more subjects' samples, already drawn (pseudo-labelled scans), pooled after them.
 
     Returns:
         (the subjects' :class:`subseg.training.samples.SubjectSamples`, train indices, validation
@@ -148,6 +149,7 @@ def pooled_samples(items, sampling: Mapping, rng: np.random.Generator):
     from subseg.training.samples import split_indices, subject_samples
 
     samples = [subject_samples(item, rng, sampling["samples_per_subject"]) for item in items]
+    samples += list(extra)
     owner = np.concatenate([np.full(len(s.targets), i) for i, s in enumerate(samples)])
     by_subject = owner if sampling["split_level"] == "subject" else None
     train_idx, val_idx = split_indices(len(owner), sampling["val_fraction"], rng, by_subject)

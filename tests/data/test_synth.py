@@ -129,3 +129,35 @@ def test_cohort_cache_reuse_resume_and_invalidation(tmp_path):
     synth.ensure_cohort(root, changed, progress=False)
     assert json.loads((root / "synth.json").read_text())["cache_key"] == changed.cache_key()
     assert first.stat().st_mtime_ns != stamp
+
+
+def test_a_scanner_configured_in_yaml_is_a_domain_spec():
+    """conf/dataset/synth_scanner_*.yaml give groups, raters and voxel sizes as lists and
+    mappings: they become the generator's own frozen types (hashable, cached per rule set)."""
+    from hydra import compose, initialize_config_dir
+
+    import subseg
+
+    with initialize_config_dir(str(subseg.CONF_DIR), version_base=None):
+        for scanner in "abcd":
+            block = compose("finetune", overrides=[f"dataset=synth_scanner_{scanner}"]).dataset
+            spec = block.synth
+            params = synth.CohortParams(
+                **{k: v for k, v in spec.items() if k != "extra"}, extra=dict(spec.extra)
+            )
+            domain = params.spec
+            assert all(isinstance(g, synth.ScannerGroup) for g in domain.groups)
+            assert all(isinstance(r, synth.BoundaryRule) for r in domain.rater)
+            assert isinstance(domain.voxel_mm, tuple) and hash(domain.rater)
+            assert params.subject_ids()[0] == f"{scanner}000"
+            assert set(block.test_ids) < set(params.subject_ids())
+    keys = set()
+    for scanner in "abcd":  # four different scanners, four different caches
+        with initialize_config_dir(str(subseg.CONF_DIR), version_base=None):
+            spec = compose("finetune", overrides=[f"dataset=synth_scanner_{scanner}"]).dataset.synth
+        keys.add(
+            synth.CohortParams(
+                **{k: v for k, v in spec.items() if k != "extra"}, extra=dict(spec.extra)
+            ).cache_key()
+        )
+    assert len(keys) == 4

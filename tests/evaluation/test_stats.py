@@ -31,3 +31,14 @@ def test_holm_by_hand():
     np.testing.assert_allclose(adjusted[:3], [0.03, 0.06, 0.06])
     assert np.isnan(adjusted[3])
     np.testing.assert_allclose(stats.holm([0.5, 0.6]), [1.0, 1.0])
+
+
+def test_percentile_rank_is_the_share_of_the_others_reached():
+    from subseg.evaluation.stats import percentile_rank
+
+    others = [0.70, 0.75, 0.80, 0.85]
+    assert percentile_rank(0.90, others) == 100.0  # the best
+    assert percentile_rank(0.60, others) == 0.0  # the worst
+    assert percentile_rank(0.80, others) == 75.0  # ties count as reached
+    with pytest.raises(ValueError):
+        percentile_rank(0.5, [])

@@ -106,12 +106,27 @@ def test_a_subject_tested_twice_by_one_method_is_refused(tmp_path):
         report.summarize_methods(report.find_runs([tmp_path]))
 
 
+def test_runs_on_named_scans_are_draws_of_their_own(tmp_path):
+    """TL-1 on each candidate in turn (target.ids, every one draw 0) tests the same scans:
+    each run is one draw, named by the scans it trained on."""
+    for scan, dice in (("t0", 0.7), ("t1", 0.8)):
+        folder = _run_folder(tmp_path / scan, "tl1", 1, 0, {"t9": dice})
+        (folder / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"target": {"n_images": 1, "draw": 0, "ids": [scan]}})
+        )
+    methods = report.summarize_methods(report.find_runs([tmp_path]), "tl1")["methods"]
+    assert methods["tl1"]["draws"] == ["t0", "t1"] and methods["tl1"]["n_runs"] == 2
+    assert sorted(methods["tl1"]["avg_per_draw"]) == pytest.approx([0.765, 0.865])
+
+
 def test_method_families():
     assert method_keys.family_of("tl3") == ("tl", 3)
     assert method_keys.family_of("nyul_tl2") == ("nyul_tl", 2)
     assert method_keys.family_of("scratch3") == ("scratch", 3)
     assert method_keys.family_of("no_tl") == ("no_tl", 0)
     assert method_keys.family_of("tl1_bn_only") == ("tl_bn_only", 1)
+    assert method_keys.family_of("tl0_adabn") == ("tl_adabn", 0)
+    assert method_keys.family_of("tl1_self") == ("tl_self", 1)
 
 
 def test_report_names_the_software_each_run_was_made_with(tmp_path):

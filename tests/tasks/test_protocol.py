@@ -74,9 +74,11 @@ def test_the_suggested_scan_is_compared_with_the_mean_of_the_random_draws():
     found = protocol.suggestion_finding(methods)
     assert found["holds"] and found["random_mean"] == pytest.approx(0.79)
     assert (found["random_min"], found["random_max"], found["draws"]) == (0.782, 0.806, 3)
-    assert "reached the random mean (+0.0004)" in protocol._suggestion_note(found)[0]
+    assert found["percentile"] == pytest.approx(200 / 3)  # above 2 of the 3 runs
+    note = protocol._suggestion_note(found)[0]
+    assert "reached that mean (+0.0004)" in note and "reaches the TL-1 of 67 % of" in note
     methods["tl1_suggested"]["avg"] = 0.7896
     found = protocol.suggestion_finding(methods)
     assert not found["holds"]
-    assert "did NOT reach the random mean (-0.0004)" in protocol._suggestion_note(found)[0]
+    assert "did NOT reach that mean (-0.0004)" in protocol._suggestion_note(found)[0]
     assert protocol.suggestion_finding({"tl1": methods["tl1"]}) is None

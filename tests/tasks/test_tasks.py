@@ -44,14 +44,22 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     assert (out / "cohorts.png").stat().st_size > 10_000
 
     report = json.loads((out / "summary.json").read_text())
-    keys = {"no_tl", "tl1", "tl1_suggested", "tl2", "tl3", "scratch3", "nyul_no_tl"}
+    keys = {"no_tl", "tl1", "tl1_suggested", "tl2", "tl3", "scratch3", "nyul_no_tl", "tl0_adabn"}
     assert set(report["methods"]) == keys
     for method in report["methods"].values():
         assert 0.0 <= method["avg"] <= 1.0 and len(method["per_structure"]) == 14
     assert len(report["findings"]) == 4
-    # TL-1 and TL-2 on two draws each: both runs count, and the report gives their range.
-    assert report["methods"]["tl1"]["draws"] == [0, 1] and report["methods"]["tl2"]["n_runs"] == 2
-    assert (out / "runs" / "tl1_d1" / "preprocessing.json").is_file()
+    # TL-1 on each of the 3 candidates, TL-2 on two draws: every run counts, the report gives
+    # their range.
+    assert report["methods"]["tl1"]["n_runs"] == 3 and report["methods"]["tl2"]["n_runs"] == 2
+    trained = [
+        json.loads((out / "runs" / f"tl1_{s}" / "splits.json").read_text())["train"]
+        for s in ("t000", "t001", "t002")
+    ]
+    assert trained == [["t000"], ["t001"], ["t002"]]
+    # AdaBN read the 3 candidates' images and said what it did to their quality score.
+    adabn = json.loads((out / "runs" / "tl0_adabn" / "transfer.json").read_text())["label_free"]
+    assert adabn["pool"] == ["t000", "t001", "t002"] and adabn["steps"][0]["step"] == "adabn"
     # Budgets are epochs; the clock is a safety net the report names when it fires.
     assert isinstance(report["capped"], list)
     assert "source_test" in report["methods"]["tl3"]  # retention on the source scanner
@@ -64,13 +72,11 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     ranking = (out / "runs" / "tl1_suggested" / "suggest.csv").read_text().splitlines()
     picked = json.loads((out / "runs" / "tl1_suggested" / "splits.json").read_text())["train"]
     assert picked == [ranking[1].split(",")[1]] and len(ranking) == 1 + 3  # header + candidates
-    assert (
-        report["suggestion"]["draws"] == 2
-        and "suggest.py ranks first" in text
-        and "the random mean (" in text
-    )
+    assert report["suggestion"]["draws"] == 3 and "suggest.py ranks first" in text
+    assert report["suggestion"]["percentile"] in (0.0, 50.0, 100.0)  # among the 2 other scans
+    assert f"reaches the TL-1 of {report['suggestion']['percentile']:.0f} %" in text
     assert -1.0 <= report["quality"]["spearman"] <= 1.0 and "## Quality score" in text
-    assert report["quality"]["n_pairs"] == (1 + 2) * 14  # No TL and TL-1's two draws, 1 scan
+    assert report["quality"]["n_pairs"] == (1 + 3) * 14  # No TL and TL-1's three runs, 1 scan
     assert (out / "quality_vs_dice.png").stat().st_size > 5_000
 
     image = tmp_path / "data" / "synth" / "synth_tiny_source" / "images" / "s000.nii.gz"

@@ -1,0 +1,323 @@
+"""The adaptation study: label-free methods and the labelling suggestion on four new scanners.
+
+Four synthetic target scanners (``conf/dataset/synth_scanner_{a,b,c,d}.yaml``: other seeds,
+sub-groups, contrast curves, resolutions, orientations and raters than the demo's target), each
+with 12 scans: 4 fixed test scans and 8 candidates. On each scanner, with the same source model
+and the same test scans:
+
+- ``no_tl``: the source model as is;
+- TL-1 on every candidate in turn (exhaustive: 8 runs);
+- the label-free methods (``tl0_adabn``, ``tl0_self``, ``tl0_adabn_self``), adapting to the
+  candidates' images (their labels unread);
+- ``tl1_self`` on ``suggest.py``'s first pick: its label plus the other candidates'
+  pseudo-labels;
+- the suggestion scores of every candidate, read from the images only: coverage (mean distance
+  to the other candidates in the source network's frozen-feature space, ``suggest.py``) and the
+  source model's label-free quality score on it.
+
+Every run is an ordinary ``finetune.py`` run folder under ``<out>/<scanner>/<run>`` (a complete
+one is reused, so a killed study continues where it stopped). The tables go to
+``<out>/study.md`` and ``<out>/study.json``.
+
+    python studies/adaptation.py --source-run outputs/demo/runs/source
+
+SYNTHETIC data: the numbers say how the methods behave across scanner shifts the generator
+makes, not on real scanners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import subseg
+from subseg.core import io
+from subseg.data import cohort
+from subseg.evaluation import stats
+from subseg.evaluation.stats import percentile_rank, spearman
+from subseg.preprocessing.contract import as_dict
+from subseg.report.report import read_metrics
+from subseg.runs.run_folder import RunFolder
+from subseg.tasks import finetune
+
+SCANNERS = ("a", "b", "c", "d")
+COMMON = [
+    "logger=csv",
+    "evaluate_source=false",
+    "trainer.max_epochs=15",
+    "stopping.patience=4",
+    "trainer.max_time=00:00:08:00",
+    "overwrite=true",
+]
+"""The demo's fine-tuning budget (``conf/demo.yaml``): epochs, not minutes."""
+
+LABEL_FREE = {
+    "tl0_adabn": ["target.n_images=0", "adapt.label_free=adabn"],
+    "tl0_self": ["target.n_images=0", "adapt.label_free=self"],
+    "tl0_adabn_self": ["target.n_images=0", "adapt.label_free=adabn_self"],
+}
+"""Label-free methods: ``finetune.py`` overrides (the pool is every non-test scan)."""
+
+
+def _run(name: str, overrides: list[str], folder: Path) -> dict:
+    run = RunFolder(folder)
+    cfg = compose("finetune", overrides=overrides)
+    run.config_file.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run.config_file, resolve=True)
+    tick = time.perf_counter()
+    summary = finetune.finetune(cfg, run.path)
+    print(
+        f"study: {folder.parent.name}/{name}: Avg {summary['avg']:.4f} "
+        f"({time.perf_counter() - tick:.0f} s)"
+    )
+    return summary
+
+
+def _summary(name: str, overrides: list[str], folder: Path) -> dict:
+    """A run's summary: a complete run folder is read back, otherwise the run is made.
+
+    A complete run is reused whatever the code's config keys became since: the study continues
+    where it stopped.
+    """
+    run = RunFolder(folder)
+    if run.is_complete():
+        return run.summary()
+    return _run(name, overrides, folder)
+
+
+def scanner_setup(scanner: str) -> tuple[str, list[str], list[str]]:
+    """A scanner's dataset name, test scans and TL-1 candidates (its cohort generated)."""
+    dataset = f"synth_scanner_{scanner}"
+    data = as_dict(compose("finetune", overrides=[f"dataset={dataset}"]).dataset)
+    cohort.prepare(data)
+    test = sorted(str(i) for i in data["test_ids"])
+    candidates = sorted(s.id for s in cohort.list_subjects(data) if s.id not in set(test))
+    return dataset, test, candidates
+
+
+def tl1_round_robin(scanners, source_run: str, out: Path) -> None:
+    """TL-1 on every candidate of every scanner, one candidate per scanner in turn.
+
+    Each scanner's candidates go in a seeded random order: a study stopped partway has a fair
+    sample of each scanner.
+    """
+    orders = {}
+    for scanner in scanners:
+        candidates = scanner_setup(scanner)[2]
+        orders[scanner] = list(np.random.default_rng(0).permutation(candidates))
+    for index in range(max(len(order) for order in orders.values())):
+        for scanner in scanners:
+            if index < len(orders[scanner]):
+                scan = str(orders[scanner][index])
+                base = [f"dataset=synth_scanner_{scanner}", f"source_run={source_run}", *COMMON]
+                _summary(
+                    f"tl1 on {scan}",
+                    [*base, "target.n_images=1", f"target.ids=[{scan}]"],
+                    out / scanner / f"tl1_{scan}",
+                )
+
+
+def scanner_runs(scanner: str, source_run: str, out: Path, methods: list[str]) -> dict:
+    """The runs ``methods`` names on one scanner; returns ``{run name: summary}``."""
+    dataset, _, candidates = scanner_setup(scanner)
+    base = [f"dataset={dataset}", f"source_run={source_run}", *COMMON]
+    folder = out / scanner
+    results = {}
+    if "no_tl" in methods:
+        results["no_tl"] = _summary("no_tl", [*base, "target.n_images=0"], folder / "no_tl")
+    for method, overrides in LABEL_FREE.items():
+        if method in methods:
+            results[method] = _summary(method, [*base, *overrides], folder / method)
+    if "tl1_self" in methods:  # the suggested scan's label plus the others' pseudo-labels
+        pick = suggestion_scores(scanner, source_run, out, candidates)["coverage_ranking"][0]
+        results["tl1_self"] = _summary(
+            "tl1_self",
+            [*base, "target.n_images=1", f"target.ids=[{pick}]", "adapt.label_free=self"],
+            folder / "tl1_self",
+        )
+    if "tl1" in methods:
+        for scan in candidates:
+            results[f"tl1_{scan}"] = _summary(
+                f"tl1 on {scan}",
+                [*base, "target.n_images=1", f"target.ids=[{scan}]"],
+                folder / f"tl1_{scan}",
+            )
+    return results
+
+
+def suggestion_scores(scanner: str, source_run: str, out: Path, candidates: list[str]) -> dict:
+    """Each candidate's label-free suggestion scores: coverage and the source's weakness.
+
+    - ``distance``: mean distance to the other candidates in the source network's frozen-feature
+      space (``suggest.py``'s space; the lowest is the medoid, its first pick today);
+    - ``source_qc``: the source model's mean quality score on the scan (``tl0_adabn`` segmented
+      every candidate with it before adapting; lower: the source does worse there).
+    """
+    from subseg.runs.trained_model import model_of
+    from subseg.tasks import suggest
+
+    cached = out / scanner / "suggestion_scores.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    named = OmegaConf.create({"run_dir": source_run, "ckpt": None, "brain": None, "threads": 0})
+    model = model_of(named)
+    dataset = as_dict(compose("finetune", overrides=[f"dataset=synth_scanner_{scanner}"]).dataset)
+    images = {s.id: s.image for s in cohort.list_subjects(dataset) if s.id in set(candidates)}
+    features = suggest.features_of(model.net, model.contract, images)
+    ids, d = suggest.distances(features)
+    n = len(ids)
+    distance = {i: float(d[k].sum() / (n - 1)) for k, i in enumerate(ids)}
+    adabn = RunFolder(out / scanner / "tl0_adabn")
+    record = adabn.read_json(adabn.transfer_file)
+    scores = {
+        "distance": distance,
+        "source_qc": record["label_free"]["source_scan_qc"],
+        "coverage_ranking": [row["scan"] for row in suggest.coverage_ranking(ids, d)],
+    }
+    with io.atomic_path(cached) as tmp:
+        tmp.write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+RULES = {
+    "coverage (medoid)": lambda s, ids: min(ids, key=lambda i: s["distance"][i]),
+    "weakness (lowest source QC)": lambda s, ids: min(ids, key=lambda i: s["source_qc"][i]),
+    "outlier (farthest)": lambda s, ids: max(ids, key=lambda i: s["distance"][i]),
+    "mix (rank sum: weak and typical)": lambda s, ids: min(
+        ids,
+        key=lambda i: (
+            sorted(ids, key=lambda j: s["source_qc"][j]).index(i)
+            + sorted(ids, key=lambda j: s["distance"][j]).index(i)
+        ),
+    ),
+}
+"""Candidate suggestion rules: each picks one scan from the label-free scores."""
+
+
+def analyse(args) -> dict:
+    """The study's tables from its run folders: label-free methods and suggestion rules."""
+    table, rules = {}, {name: {} for name in RULES}
+    correlations = {}
+    for scanner in args.scanners:
+        _, test, candidates = scanner_setup(scanner)
+        folder = args.out / scanner
+        read = {
+            name: RunFolder(folder / name).summary()
+            for name in ["no_tl", *LABEL_FREE, "tl1_self", *(f"tl1_{c}" for c in candidates)]
+            if RunFolder(folder / name).is_complete()
+        }
+        tl1 = {c: read[f"tl1_{c}"]["avg"] for c in candidates if f"tl1_{c}" in read}
+        row = {"test": test, "candidates": len(candidates)}
+        row.update({m: read[m]["avg"] for m in ["no_tl", *LABEL_FREE, "tl1_self"] if m in read})
+        for m in LABEL_FREE if "no_tl" in read else ():
+            baseline = stats.dice_by_pair(read_metrics(RunFolder(folder / "no_tl").metrics_file))
+            if m in read and "label_free" in read[m]:
+                row[f"{m}_guard"] = read[m]["label_free"]["steps"]
+                mine = stats.dice_by_pair(read_metrics(RunFolder(folder / m).metrics_file))
+                row[f"{m}_p"] = stats.wilcoxon(*stats.paired(mine, baseline))
+        if len(tl1) == len(candidates):
+            row["tl1_mean"] = float(np.mean(list(tl1.values())))
+            row["tl1_min"], row["tl1_max"] = min(tl1.values()), max(tl1.values())
+            row["tl1"] = tl1
+            if "tl0_adabn" in read:
+                scores = suggestion_scores(scanner, args.source_run, args.out, candidates)
+                for name, rule in RULES.items():
+                    pick = rule(scores, candidates)
+                    rules[name][scanner] = {
+                        "scan": pick,
+                        "tl1": tl1[pick],
+                        "percentile": percentile_rank(
+                            tl1[pick], [v for c, v in tl1.items() if c != pick]
+                        ),
+                    }
+                values = [tl1[c] for c in candidates]
+                correlations[scanner] = {
+                    key: spearman([scores[key][c] for c in candidates], values)
+                    for key in ("distance", "source_qc")
+                }
+        table[scanner] = row
+    study = {"scanners": table, "rules": rules, "spearman_vs_tl1": correlations}
+    with io.atomic_path(args.out / "study.json") as tmp:
+        tmp.write_text(json.dumps(study, indent=2))
+    (args.out / "study.md").write_text(markdown(study))
+    print(markdown(study))
+    return study
+
+
+def markdown(study: dict) -> str:
+    """The study's tables as Markdown."""
+    scanners = study["scanners"]
+    methods = ["no_tl", *LABEL_FREE, "tl1_self"]
+    lines = [
+        "| scanner | "
+        + " | ".join(methods)
+        + " | TL-1 mean (min–max) | recovered of TL-1's gain |",
+        "|---" * (len(methods) + 3) + "|",
+    ]
+    for scanner, row in scanners.items():
+        cells = [
+            f"{row[m]:.4f}" + (f" (p {row[m + '_p']:.2g})" if f"{m}_p" in row else "")
+            if m in row
+            else "—"
+            for m in methods
+        ]
+        if "tl1_mean" in row:
+            tl1 = f"{row['tl1_mean']:.4f} ({row['tl1_min']:.3f}–{row['tl1_max']:.3f})"
+            gain = row["tl1_mean"] - row.get("no_tl", np.nan)
+            recovered = ", ".join(
+                f"{m}: {(row[m] - row['no_tl']) / gain:+.2f}" for m in LABEL_FREE if m in row
+            )
+        else:
+            tl1, recovered = "—", "—"
+        lines.append(f"| {scanner} | " + " | ".join(cells) + f" | {tl1} | {recovered} |")
+    if study["rules"] and any(study["rules"].values()):
+        lines += ["", "| suggestion rule | " + " | ".join(scanners) + " | mean percentile |"]
+        lines.append("|---" * (len(scanners) + 2) + "|")
+        for name, picks in study["rules"].items():
+            cells = [
+                f"{picks[s]['scan']} {picks[s]['tl1']:.4f} ({picks[s]['percentile']:.0f})"
+                if s in picks
+                else "—"
+                for s in scanners
+            ]
+            mean = np.mean([p["percentile"] for p in picks.values()]) if picks else np.nan
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: run the study (complete runs are reused) and write its tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source-run", required=True, help="a train.py run folder")
+    parser.add_argument("--out", type=Path, default=Path("outputs/study"))
+    parser.add_argument("--scanners", nargs="+", default=list(SCANNERS), choices=SCANNERS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["no_tl", "tl1", *LABEL_FREE, "tl1_self"],
+        help="which runs to make (tl1: every candidate in turn)",
+    )
+    parser.add_argument("--analyse-only", action="store_true", help="only write the tables")
+    args = parser.parse_args(argv)
+    with initialize_config_dir(str(subseg.CONF_DIR), version_base=None):
+        # Every scanner's label-free runs first, then the exhaustive TL-1 runs.
+        first = [m for m in args.methods if m not in ("tl1", "tl1_self")]
+        if not args.analyse_only:
+            for scanner in args.scanners:
+                scanner_runs(scanner, args.source_run, args.out, first)
+            if "tl1" in args.methods:
+                tl1_round_robin(args.scanners, args.source_run, args.out)
+            for scanner in args.scanners if "tl1_self" in args.methods else ():
+                scanner_runs(scanner, args.source_run, args.out, ["tl1_self"])
+        analyse(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Label-free adaptation (finetune.py adapt.label_free=…) end to end on the tiny cohorts."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from subseg.core import io
+from subseg.runs.method_keys import method_key
+from subseg.tasks import finetune
+
+SOURCE = [
+    "dataset=synth_tiny_source",
+    "sampling.samples_per_subject=400",
+    "trainer.max_epochs=2",
+    "volume_dice_every=2",
+    "sampling.batch_size=64",
+    "logger=csv",
+]
+TARGET = [
+    "dataset=folder",
+    "dataset.test_ids=[t002]",
+    "sampling.samples_per_subject=300",
+    "trainer.max_epochs=2",
+    "sampling.batch_size=64",
+    "logger=csv",
+    "evaluate_source=false",
+]
+
+
+def _compose(name, overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, tiny_cohorts):
+    """A tiny source model (with its atlas) and a copy of the tiny target cohort as a plain
+    folder (never regenerated: a label deleted stays deleted)."""
+    from subseg.tasks import train
+
+    root = tmp_path_factory.mktemp("label_free")
+    paths = [f"paths.data_dir={root / 'data'}", f"paths.output_dir={root / 'out'}"]
+    source = root / "out" / "source"
+    cfg = _compose("train", [*SOURCE, *paths])
+    (source / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, source / ".hydra" / "config.yaml")
+    train.train(cfg, source)
+    cohort = shutil.copytree(tiny_cohorts["target"], root / "cohort")
+    (cohort / "synth.json").unlink()
+    return root, paths, source, cohort
+
+
+def _finetune(setting, run_name, *overrides):
+    root, paths, source, cohort = setting
+    cfg = _compose(
+        "finetune", [*TARGET, *paths, f"dataset.root={cohort}", f"source_run={source}", *overrides]
+    )
+    run = root / "out" / "finetune" / run_name
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return finetune.finetune(cfg, run), run
+
+
+def _weights(run):
+    return torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_self_training_reads_no_label_of_the_pool(setting):
+    """Deleting the pool's label files changes nothing: the model, the metrics, the record.
+
+    The guard is off, so the self-trained model is the one compared (on the tiny model it
+    could undo the step, and two copies of the source model would prove nothing).
+    """
+    overrides = ["target.n_images=0", "adapt.label_free=self", "adapt.guard=false"]
+    with_labels, run_a = _finetune(setting, "self_a", *overrides)
+    for scan in ("t000", "t001"):  # the pool: neither tested nor trained on
+        (setting[3] / "labels" / f"{scan}.nii.gz").unlink()
+    without, run_b = _finetune(setting, "self_b", *overrides)
+    assert with_labels["method"] == without["method"] == "tl0_self"
+    a, b, source = _weights(run_a), _weights(run_b), _weights(setting[2])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["net.fc1.weight"], source["net.fc1.weight"])  # it did train
+    assert (run_a / "metrics.csv").read_bytes() == (run_b / "metrics.csv").read_bytes()
+    record_a = json.loads((run_a / "transfer.json").read_text())["label_free"]
+    record_b = json.loads((run_b / "transfer.json").read_text())["label_free"]
+    assert record_a == record_b
+    assert record_a["pool"] == ["t000", "t001"]
+    step = record_a["steps"][0]
+    assert step["step"] == "self-training round 1" and step["voxels"] > 0 and step["kept"]
+    assert {"pool_qc_before", "pool_qc_after", "pool_agreement_after"} <= step.keys()
+    assert with_labels["label_free"]["pool"] == 2
+
+
+@pytest.mark.slow
+def test_the_guard_keeps_the_source_model_when_the_quality_score_drops(setting, monkeypatch):
+    """A self-training round whose model segments worse (here: nothing) is undone."""
+    adapt = finetune._adapt
+
+    def sabotaged(*args, **kwargs):
+        net, trainer = adapt(*args, **kwargs)
+        with torch.no_grad():  # every voxel background: every structure's score falls to 0
+            net.classifier.weight.zero_()
+            net.classifier.bias.copy_(torch.tensor([50.0] + [0.0] * 14))
+        return net, trainer
+
+    monkeypatch.setattr(finetune, "_adapt", sabotaged)
+    summary, run = _finetune(setting, "guarded", "target.n_images=0", "adapt.label_free=self")
+    source = setting[2]
+    kept, given = _weights(run), _weights(source)
+    assert all(torch.equal(kept[k], given[k]) for k in given)  # the source model, as is
+    step = json.loads((run / "transfer.json").read_text())["label_free"]["steps"][0]
+    assert step["kept"] is False and step["pool_qc_after"] < step["pool_qc_before"]
+    assert summary["label_free"]["steps"][0]["kept"] is False
+    no_tl, _ = _finetune(setting, "no_tl", "target.n_images=0")
+    assert summary["avg"] == pytest.approx(no_tl["avg"], abs=1e-9)
+
+
+def test_label_free_options_are_checked_and_named():
+    base = [*TARGET, "dataset.root=/nowhere", "source_run=/nowhere"]
+    cfg = _compose("finetune", [*base, "target.n_images=1", "adapt.label_free=self"])
+    assert method_key(cfg) == "tl1_self"
+    cfg = _compose("finetune", [*base, "target.n_images=0", "adapt.label_free=adabn"])
+    assert method_key(cfg) == "tl0_adabn"
+    assert method_key(_compose("finetune", [*base, "target.n_images=0"])) == "no_tl"
+    for wrong, message in (
+        ("adapt.label_free=dann", "choose adabn, self or adabn_self"),
+        ("adapt.rounds=0", "adapt.rounds=0"),
+        ("adapt.confidence=1.5", "adapt.confidence=1.5"),
+    ):
+        extra = [] if "label_free" in wrong else ["adapt.label_free=self"]
+        cfg = _compose("finetune", [*base, "target.n_images=0", wrong, *extra])
+        with pytest.raises(io.InputError, match=message):
+            finetune.check_options(cfg)
+
+
+def test_the_guard_undoes_a_step_that_lowers_the_score_or_the_atlas_agreement(capsys):
+    """Self-training raises the network's confidence by construction: a higher score with a
+    lower atlas agreement is undone too."""
+    from subseg.tasks.label_free import _guarded
+    from subseg.training.pseudo_labels import PoolSegmentation
+
+    def pool(confidence, agreement):
+        rows = [
+            {
+                "confidence": confidence,
+                "atlas_agreement": agreement,
+                "qc": (confidence * agreement) ** 0.5,
+            }
+        ] * 14
+        return [PoolSegmentation(f"s{i}", None, None, rows) for i in range(3)]
+
+    source = pool(0.62, 0.75)
+    for after, keep in (
+        (pool(0.64, 0.77), True),  # both rise (AdaBN on a study scanner)
+        (pool(0.74, 0.74), False),  # surer, further from the atlas (self-training there)
+        (pool(0.60, 0.76), False),  # the score falls
+    ):
+        record = {}
+        assert _guarded("step", source, after, record) is keep
+        assert record["kept"] is keep
+        assert record["pool_agreement_after"] == pytest.approx(after[0].agreement)
+    assert "undone, the model it started from is kept" in capsys.readouterr().out
+    record = {}
+    assert _guarded("step", source, pool(0.74, 0.74), record, guard=False) is True
+    assert "kept (adapt.guard=false)" in capsys.readouterr().out
+    nan = pool(0.7, float("nan"))  # atlas=none: the score alone decides
+    assert _guarded("step", pool(0.6, float("nan")), nan, {}) is True
+
+
+@pytest.mark.slow
+def test_a_cohort_without_any_label_is_adapted_to(setting, capsys):
+    """A user's 200 unlabelled scans: AdaBN adapts to them all, says Dice cannot be measured,
+    and the run folder holds a model predict.py reads (its BatchNorm statistics the new ones)."""
+    root, paths, source, cohort = setting
+    bare = shutil.copytree(cohort, root / "no_labels")
+    shutil.rmtree(bare / "labels")
+    cfg = _compose(
+        "finetune",
+        [
+            *TARGET,
+            *paths,
+            f"dataset.root={bare}",
+            "dataset.test_ids=null",
+            f"source_run={source}",
+            "target.n_images=0",
+            "adapt.label_free=adabn",
+            "adapt.guard=false",
+        ],
+    )
+    run = root / "out" / "finetune" / "no_labels"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    summary = finetune.finetune(cfg, run)
+    assert summary["held_out"] == 0 and summary["label_free"]["pool"] == 3
+    assert "no labelled scan to measure its Dice on" in capsys.readouterr().out
+    kept, given = _weights(run), _weights(source)
+    moved = {k for k in given if not torch.equal(kept[k], given[k])}
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert moved and all(k.rsplit(".", 1)[1] in statistics for k in moved)
+    assert (run / "complete.json").is_file()
