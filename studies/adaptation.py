@@ -11,6 +11,8 @@ and the same test scans:
   candidates' images (their labels unread);
 - ``tl1_self`` on ``suggest.py``'s first pick: its label plus the other candidates'
   pseudo-labels;
+- ``seeds`` (after ``tl1``): TL-1 on the best and the worst candidate again with two other
+  seeds, so that the spread across candidates can be told from the seed's own;
 - the suggestion scores of every candidate, read from the images only: coverage (mean distance
   to the other candidates in the source network's frozen-feature space, ``suggest.py``) and the
   source model's label-free quality score on it.
