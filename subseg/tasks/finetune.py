@@ -359,38 +359,46 @@ def _without_test(cfg: DictConfig, run: RunFolder, record: dict, first: bool, tr
         **({"fit": record["fit"]} if "fit" in record else {}),
         **({"label_free": label_free.summary_of(record)} if "label_free" in record else {}),
     }
-    if "label_free" in record and not train:  # no label at all: nothing to measure Dice on
-        message = (
+    label_free_only = "label_free" in record and not train  # no label at all: no Dice
+    if cfg.target.get("loo") and not label_free_only:
+        summary["loo_estimate"] = _leave_one_out(cfg, run, train)
+    message = _untested_message(cfg, run, summary, train, label_free_only)
+    if first:
+        run.publish_results([], list(evaluate.COLUMNS), summary)
+    print(message)
+    return summary
+
+
+def _untested_message(
+    cfg: DictConfig, run: RunFolder, summary: dict, train: list[str], label_free_only: bool
+) -> str:
+    """What a run with no held-out scan tells its user: why no Dice, and how to get one."""
+    if label_free_only:
+        return (
             f"subseg: {method_key(cfg)} adapted to {summary['label_free']['pool']} unlabelled "
             f"scans (their quality score {summary['label_free']['pool_qc']:.3f}); no labelled "
             f"scan to measure its Dice on. Segment with predict.py run_dir={run.path} and check "
             "the scans its qc.csv flags"
         )
-    else:
-        if cfg.target.get("loo"):
-            summary["loo_estimate"] = _leave_one_out(cfg, run, train)
-            estimate = summary["loo_estimate"]
-            says = (
-                f"leave-one-out estimate (TL-{len(train) - 1} on each left-out scan): mean Dice "
-                f"{estimate['avg']:.3f} (per scan {estimate['avg_min']:.3f}–"
-                f"{estimate['avg_max']:.3f})"
-            )
-        elif len(train) >= 2:
-            says = (
-                f"add target.loo=true for a leave-one-out estimate ({len(train)} more fits, each "
-                f"on {len(train) - 1} scans, tested on the one left out)"
-            )
-        else:
-            says = "label a second scan to estimate it (target.loo=true leaves each out in turn)"
-        message = (
-            f"subseg: {method_key(cfg)} fine-tuned on every labelled scan ({', '.join(train)}): "
-            f"no held-out scan, so its Dice on your scanner is not measured here; {says}. "
-            f"Run folder {run.path}"
+    estimate = summary.get("loo_estimate")
+    if estimate:
+        says = (
+            f"leave-one-out estimate (TL-{len(train) - 1} on each left-out scan): mean Dice "
+            f"{estimate['avg']:.3f} (per scan {estimate['avg_min']:.3f}–"
+            f"{estimate['avg_max']:.3f})"
         )
-    if first:
-        run.publish_results([], list(evaluate.COLUMNS), summary)
-    print(message)
-    return summary
+    elif len(train) >= 2:
+        says = (
+            f"add target.loo=true for a leave-one-out estimate ({len(train)} more fits, each "
+            f"on {len(train) - 1} scans, tested on the one left out)"
+        )
+    else:
+        says = "label a second scan to estimate it (target.loo=true leaves each out in turn)"
+    return (
+        f"subseg: {method_key(cfg)} fine-tuned on every labelled scan ({', '.join(train)}): "
+        f"no held-out scan, so its Dice on your scanner is not measured here; {says}. "
+        f"Run folder {run.path}"
+    )
 
 
 def _leave_one_out(cfg: DictConfig, run: RunFolder, train: list[str]) -> dict:

@@ -116,13 +116,16 @@ def run(cfg: DictConfig) -> dict:
     methods = report.summarize_methods(runs, "no_tl")["methods"]
     checked = findings(methods)
     suggested = suggestion_finding(methods, runs)
+    label_free = label_free_findings(methods, label_free_accounts(runs))
     extraction = brain_extraction_quality(RunFolder(folders[0])) if folders else None
     notes = _notes(checked, methods, source_summary, capped, suggested)
-    notes += _brain_note(extraction) + list(cfg.report_notes)
+    notes += _label_free_notes(label_free) + _brain_note(extraction) + list(cfg.report_notes)
     summary = report.write_report(runs, out_dir, "no_tl", title=str(cfg.report_title), notes=notes)
     summary["findings"] = checked
     if suggested is not None:
         summary["suggestion"] = suggested
+    if label_free:
+        summary["label_free"] = label_free
     if extraction is not None:
         summary["brain_extraction"] = extraction
     summary["capped"] = [name for name, _ in capped]
@@ -308,6 +311,82 @@ def suggestion_finding(methods: Mapping[str, Mapping], runs=()) -> dict | None:
         "draws": len(random),
         "scans": scans,
     }
+
+
+def label_free_accounts(runs) -> dict[str, dict]:
+    """Each label-free method's ``label_free`` account, from its first run's ``summary.json``."""
+    accounts = {}
+    for run in runs:
+        account = RunFolder(run.folder).summary().get("label_free")
+        if account is not None:
+            accounts.setdefault(run.method, account)
+    return accounts
+
+
+def label_free_findings(methods: Mapping[str, Mapping], accounts: Mapping[str, Mapping]) -> list:
+    """What each label-free method (``adapt.label_free``) recovered of TL-1's gain.
+
+    The gains are over No TL on the same test scans; TL-1's is the mean over its runs (with a
+    run on every candidate, what a random labelled scan gives on average).
+
+    Args:
+        methods: the report's per-method summaries.
+        accounts: each label-free method's ``label_free`` account (:func:`label_free_accounts`).
+
+    Returns:
+        One ``{"method", "avg", "gain", "tl1_gain", "share", "pool", "steps"}`` per label-free
+        method (``share``: ``gain / tl1_gain``, ``None`` where TL-1 did not gain), or ``[]``
+        without No TL.
+    """
+    if "no_tl" not in methods:
+        return []
+    baseline = float(methods["no_tl"]["avg"])
+    tl1 = methods.get("tl1", {}).get("avg_per_draw")
+    tl1_gain = float(np.mean(tl1)) - baseline if tl1 else None
+    found = []
+    for method, account in sorted(accounts.items()):
+        if method not in methods:
+            continue
+        gain = float(methods[method]["avg"]) - baseline
+        found.append(
+            {
+                "method": method,
+                "avg": float(methods[method]["avg"]),
+                "gain": gain,
+                "tl1_gain": tl1_gain,
+                "share": gain / tl1_gain if tl1_gain and tl1_gain > 0 else None,
+                "pool": account["pool"],
+                "steps": account["steps"],
+            }
+        )
+    return found
+
+
+def _label_free_notes(found: list[Mapping]) -> list[str]:
+    notes = []
+    for item in found:
+        if item["tl1_gain"] is None:
+            versus = "no TL-1 run to compare it with"
+        elif item["share"] is None:
+            versus = f"TL-1 did not gain over No TL here ({item['tl1_gain']:+.4f})"
+        else:
+            versus = (
+                f"{item['share']:.2f} of TL-1's mean gain ({item['tl1_gain']:+.4f}) with one "
+                "labelled scan"
+            )
+        steps = "; ".join(
+            f"{step['step']} {'kept' if step.get('kept', True) else 'undone'} (the pool's quality "
+            f"score {step['pool_qc_before']:.3f} → {step['pool_qc_after']:.3f}, atlas agreement "
+            f"{step['pool_agreement_before']:.3f} → {step['pool_agreement_after']:.3f})"
+            for step in item["steps"]
+            if "pool_qc_before" in step
+        )
+        notes.append(
+            f"{item['method']} read no label ({item['pool']} unlabelled scans): Avg "
+            f"{item['avg']:.4f}, {item['gain']:+.4f} over No TL, {versus}. "
+            + (f"Its guard: {steps}." if steps else "")
+        )
+    return notes
 
 
 def _suggestion_note(found: Mapping | None) -> list[str]:

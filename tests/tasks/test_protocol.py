@@ -82,3 +82,37 @@ def test_the_suggested_scan_is_compared_with_the_mean_of_the_random_draws():
     assert not found["holds"]
     assert "did NOT reach that mean (-0.0004)" in protocol._suggestion_note(found)[0]
     assert protocol.suggestion_finding({"tl1": methods["tl1"]}) is None
+
+
+def test_a_label_free_method_is_reported_as_its_share_of_tl1s_gain_with_its_guard():
+    methods = {
+        "no_tl": {"avg": 0.78},
+        "tl1": {"avg_per_draw": [0.82, 0.80]},  # mean gain +0.03
+        "tl0_adabn": {"avg": 0.795},
+        "tl0_self": {"avg": 0.78},
+    }
+    step = {"pool_qc_before": 0.674, "pool_qc_after": 0.677}
+    step |= {"pool_agreement_before": 0.747, "pool_agreement_after": 0.755}
+    accounts = {
+        "tl0_adabn": {"pool": 13, "steps": [{"step": "adabn", **step, "kept": True}]},
+        "tl0_self": {
+            "pool": 13,
+            "steps": [{"step": "self-training round 1", **step, "kept": False}],
+        },
+        "tl2_never_run": {"pool": 13, "steps": []},
+    }
+    found = {f["method"]: f for f in protocol.label_free_findings(methods, accounts)}
+    assert set(found) == {"tl0_adabn", "tl0_self"}
+    assert found["tl0_adabn"]["gain"] == pytest.approx(0.015)
+    assert found["tl0_adabn"]["share"] == pytest.approx(0.5)
+    assert found["tl0_self"]["share"] == pytest.approx(0.0)
+    adabn, self_training = protocol._label_free_notes(list(found.values()))
+    assert "+0.0150 over No TL, 0.50 of TL-1's mean gain (+0.0300)" in adabn
+    assert "adabn kept (the pool's quality score 0.674 → 0.677" in adabn
+    assert "self-training round 1 undone" in self_training
+    # TL-1 lost on this cohort: no meaningless ratio.
+    methods["tl1"]["avg_per_draw"] = [0.77]
+    lost = protocol.label_free_findings(methods, accounts)[0]
+    assert lost["share"] is None
+    assert "TL-1 did not gain over No TL here (-0.0100)" in protocol._label_free_notes([lost])[0]
+    assert protocol.label_free_findings({"tl0_adabn": {"avg": 0.8}}, accounts) == []

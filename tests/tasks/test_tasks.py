@@ -60,12 +60,19 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     # AdaBN read the 3 candidates' images and said what it did to their quality score.
     adabn = json.loads((out / "runs" / "tl0_adabn" / "transfer.json").read_text())["label_free"]
     assert adabn["pool"] == ["t000", "t001", "t002"] and adabn["steps"][0]["step"] == "adabn"
+    # The report gives AdaBN's gain as a share of TL-1's over the same 3 scans.
+    (found,) = report["label_free"]
+    assert found["method"] == "tl0_adabn" and found["pool"] == 3
+    assert found["gain"] == pytest.approx(
+        report["methods"]["tl0_adabn"]["avg"] - report["methods"]["no_tl"]["avg"]
+    )
     # Budgets are epochs; the clock is a safety net the report names when it fires.
     assert isinstance(report["capped"], list)
     assert "source_test" in report["methods"]["tl3"]  # retention on the source scanner
     text = (out / "report.md").read_text()
     assert "| structure | no_tl |" in text and "Source-domain retention" in text
     assert "| Avg range over draws |" in text
+    assert "tl0_adabn read no label (3 unlabelled scans)" in text
     assert ("wall-clock safety net" in text) == bool(report["capped"])
     assert (out / "learning_curve.png").stat().st_size > 5_000
     # TL-1 on suggest.py's top scan, beside the random draws; the quality score checked.
