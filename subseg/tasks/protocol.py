@@ -381,11 +381,11 @@ def _label_free_notes(found: list[Mapping]) -> list[str]:
             for step in item["steps"]
             if "pool_qc_before" in step
         )
-        notes.append(
-            f"{item['method']} read no label ({item['pool']} unlabelled scans): Avg "
-            f"{item['avg']:.4f}, {item['gain']:+.4f} over No TL, {versus}. "
-            + (f"Its guard: {steps}." if steps else "")
+        said = (
+            f"{item['method']} adapted to {item['pool']} unlabelled scans (their labels unread): "
+            f"Avg {item['avg']:.4f}, {item['gain']:+.4f} over No TL, {versus}."
         )
+        notes.append(f"{said} Its guard: {steps}." if steps else said)
     return notes
 
 

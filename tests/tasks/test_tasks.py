@@ -72,7 +72,7 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     text = (out / "report.md").read_text()
     assert "| structure | no_tl |" in text and "Source-domain retention" in text
     assert "| Avg range over draws |" in text
-    assert "tl0_adabn read no label (3 unlabelled scans)" in text
+    assert "tl0_adabn adapted to 3 unlabelled scans (their labels unread)" in text
     assert ("wall-clock safety net" in text) == bool(report["capped"])
     assert (out / "learning_curve.png").stat().st_size > 5_000
     # TL-1 on suggest.py's top scan, beside the random draws; the quality score checked.
