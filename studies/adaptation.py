@@ -7,8 +7,8 @@ and the same test scans:
 
 - ``no_tl``: the source model as is;
 - TL-1 on every candidate in turn (exhaustive: 8 runs);
-- the label-free methods (``tl0_adabn``, ``tl0_self``, ``tl0_adabn_self``), adapting to the
-  candidates' images (their labels unread);
+- the label-free methods (``nyul_no_tl``, ``tl0_adabn``, ``tl0_nyul_adabn``, ``tl0_self``,
+  ``tl0_adabn_self``), adapting to the candidates' images (their labels unread);
 - ``tl1_self`` on ``suggest.py``'s first pick: its label plus the other candidates'
   pseudo-labels;
 - ``seeds`` (after ``tl1``): TL-1 on the best and the worst candidate again with two other
@@ -67,11 +67,15 @@ SEEDS = (1, 2)
 runs use ``seed=0``), to tell the scan's effect from the seed's."""
 
 LABEL_FREE = {
+    "nyul_no_tl": ["target.n_images=0", "intensity=nyul"],
     "tl0_adabn": ["target.n_images=0", "adapt.label_free=adabn"],
+    "tl0_nyul_adabn": ["target.n_images=0", "adapt.label_free=nyul_adabn"],
     "tl0_self": ["target.n_images=0", "adapt.label_free=self"],
     "tl0_adabn_self": ["target.n_images=0", "adapt.label_free=adabn_self"],
 }
-"""Label-free methods: ``finetune.py`` overrides (the pool is every non-test scan)."""
+"""Label-free methods: ``finetune.py`` overrides (the pool is every non-test scan). Nyúl's
+histogram standardisation reads no label either: ``nyul_no_tl`` always takes it,
+``tl0_nyul_adabn`` only where the pool's label-free scores prefer it (then AdaBN)."""
 
 
 def _run(name: str, overrides: list[str], folder: Path) -> dict:

@@ -21,6 +21,8 @@ FAMILIES = (
     ("tl_adabn", "AdaBN (+ TL)"),
     ("tl_self", "self-training (+ TL)"),
     ("tl_adabn_self", "AdaBN + self-training (+ TL)"),
+    ("tl_nyul", "Nyúl if the scans prefer it (+ TL)"),
+    ("tl_nyul_adabn", "Nyúl if preferred + AdaBN (+ TL)"),
     ("nyul_tl", "Nyúl + TL"),
     ("scratch", "scratch"),
     ("nyul_scratch", "Nyúl scratch"),

@@ -475,6 +475,11 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     dataset = as_dict(cfg.dataset)
     draw, ranking = _draw(cfg, dataset, source_ckpt, contract)
     pool = label_free.pool_subjects(cfg, dataset, draw) if label_free.steps_of(cfg) else []
+    if "nyul" in label_free.steps_of(cfg) and source_dir is None:
+        raise io.InputError(
+            f"adapt.label_free={cfg.adapt.label_free} maps the scans to the source training "
+            "images' intensity scale: name the source run folder, source_run=<training run folder>"
+        )
     # Everything that can be refused is checked before the run folder is touched.
     drawn = {i for ids in draw.values() for i in ids}
     subjects = check_cohort(dataset, drawn) if drawn else []  # none: a label-free run
@@ -502,12 +507,20 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     splits, subjects, source, contract = prepare_run(cfg, run, subjects, draw, contract)
     if cfg.intensity == "nyul" and contract.landmarks is None:
         contract.landmarks = nyul_landmarks(source_dir, source_cfg, contract)
-    run.write_contract(contract)
+    if pool:  # the pool prepared, and the input standardisation chosen on it (``nyul``)
+        contract, prepared, *chosen = label_free.choose_intensity(
+            cfg,
+            module.net,
+            pool,
+            contract,
+            source,
+            lambda candidate: nyul_landmarks(source_dir, source_cfg, candidate),
+        )
+    run.write_contract(contract)  # the input the kept model takes, for predict.py
     by_id = {s.id: s for s in subjects}
     cached = cached_subjects(by_id, dataset["label_ids"], contract, source, cfg.num_workers)
     if pool:  # adapted to the unlabelled scans too (and to the k labelled ones, if any)
         items = list(cached(splits["train"])) if splits["train"] else []
-        prepared = label_free.prepare_pool(pool, contract, source)
         net, trainer = label_free.adapt(
             cfg,
             run,
@@ -516,6 +529,7 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
             prepared,
             record,
             lambda m, its, rec, extra: _adapt(cfg, run, m, its, rec, extra),
+            None if chosen[0] is None else tuple(chosen),
         )
         loggers, first = (trainer.loggers if trainer else ()), True
     elif record["n_images"] == 0:  # No TL: the source model as is, saved by Lightning

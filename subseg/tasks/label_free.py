@@ -1,9 +1,16 @@
 """Adapt to a new scanner from its unlabelled scans: ``finetune.py adapt.label_free=…``.
 
 The pool is the cohort's scans that are neither tested nor labelled for training (their label
-files, if any, are never opened). Two methods, alone or in turn (``adabn_self``), and each
-combinable with k labelled scans:
+files, if any, are never opened). Three steps, alone or in turn (``adabn_self``,
+``nyul_adabn``), and each combinable with k labelled scans:
 
+- ``nyul``: the input's intensity standardisation chosen on the pool. The source model's own
+  (the z-score) and Nyúl's histogram standardisation to the source training images' scale each
+  prepare the pool, the source model segments both, and Nyúl's is kept only when the pool's
+  quality score says so (:func:`choose_intensity`). Neither helps everywhere: on the demo's
+  target Nyúl gained +0.014 Avg Dice, on two study scanners it lost 0.017 and 0.049
+  (docs/results.md). The run's recorded input contract is the one kept, so ``predict.py``
+  prepares scans the same way.
 - ``adabn``: the conv stacks' BatchNorm statistics re-estimated on the pool's and the labelled
   scans' images, around the structures' expected places (:mod:`subseg.training.adabn`); every
   weight kept.
@@ -16,13 +23,14 @@ combinable with k labelled scans:
 
 Every step is guarded: the pool's label-free quality score (the mean of ``qc.csv``'s score over
 its scans and structures) and its atlas agreement are measured before and after, and a step
-that lowers either is undone — the run says so and keeps the model it started from
-(:func:`_guarded` says why both). ``transfer.json`` records each step.
+that lowers the score — or, for self-training, either — is undone: the run says so and keeps
+the model it started from (:func:`_guarded` says why). ``transfer.json`` records each step.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -34,7 +42,13 @@ from subseg.preprocessing import atlas, bias
 from subseg.runs.run_folder import RunFolder
 from subseg.training import fitting
 
-METHODS = {"adabn": ("adabn",), "self": ("self",), "adabn_self": ("adabn", "self")}
+METHODS = {
+    "adabn": ("adabn",),
+    "self": ("self",),
+    "adabn_self": ("adabn", "self"),
+    "nyul": ("nyul",),
+    "nyul_adabn": ("nyul", "adabn"),
+}
 """``adapt.label_free`` → its steps, in order."""
 
 
@@ -50,7 +64,13 @@ def steps_of(cfg: DictConfig) -> tuple[str, ...]:
         return ()
     if method not in METHODS:
         raise io.InputError(
-            f"adapt.label_free={method}: choose adabn, self or adabn_self (or null: none)"
+            f"adapt.label_free={method}: choose adabn, self, adabn_self, nyul or nyul_adabn "
+            "(or null: none)"
+        )
+    if "nyul" in METHODS[method] and cfg.get("intensity") == "nyul":
+        raise io.InputError(
+            f"adapt.label_free={method} chooses between the model's own intensity "
+            "standardisation and Nyúl's on the unlabelled scans: leave out intensity=nyul"
         )
     if cfg.init == "scratch":
         raise io.InputError("adapt.label_free adapts the source model: init=source")
@@ -121,6 +141,45 @@ def prepare_pool(pool: list, contract, source) -> list[tuple[str, dict]]:
     ]
 
 
+def choose_intensity(cfg: DictConfig, net, pool: list, contract, source, landmarks_of: Callable):
+    """The ``nyul`` step: the model's own intensity standardisation or Nyúl's, chosen on the pool.
+
+    Both prepare the pool and the source network segments both; Nyúl's is kept when the pool's
+    quality score is not lower with it (:func:`_guarded`, with the model's own as "before").
+    Without the step the pool is prepared as ``contract`` says.
+
+    Args:
+        cfg: the composed ``finetune.yaml``.
+        net: the source network.
+        pool: the unlabelled subjects (:func:`pool_subjects`).
+        contract: the source model's input contract.
+        source: the loaded atlas.
+        landmarks_of: ``landmarks_of(contract)`` → the source training images' Nyúl scale, for
+            a contract with ``intensity="nyul"``.
+
+    Returns:
+        (the contract kept, the pool prepared by it (:func:`prepare_pool`), the step's record
+        and the source network's segmentation of that pool — both ``None`` without the step).
+    """
+    from subseg.training import pseudo_labels
+
+    prepared = prepare_pool(pool, contract, source)
+    if "nyul" not in steps_of(cfg):
+        return contract, prepared, None, None
+    nyul = dataclasses.replace(contract, intensity="nyul", landmarks=None)
+    nyul.landmarks = landmarks_of(nyul)
+    alternative = prepare_pool(pool, nyul, source)
+    net.eval()
+    own = pseudo_labels.segment_pool(net, prepared)
+    theirs = pseudo_labels.segment_pool(net, alternative)
+    entry = {"step": "nyul", "scans": len(pool)}
+    guard = bool(cfg.adapt.get("guard", True))
+    kept = "not used, the model's own standardisation is kept"
+    if _guarded("Nyúl's intensity standardisation", own, theirs, entry, guard, kept):
+        return nyul, alternative, entry, theirs
+    return contract, prepared, entry, own
+
+
 def _adabn(cfg, net, scans, rng) -> dict:
     from subseg.training.adabn import adapt_batchnorm, expected_voxels
 
@@ -128,15 +187,28 @@ def _adabn(cfg, net, scans, rng) -> dict:
     return adapt_batchnorm(net, volumes, rng, int(cfg.adapt.get("voxels_per_scan", 4096)))
 
 
-def _guarded(step: str, before, after, record: dict, guard: bool = True) -> bool:
+def _guarded(
+    step: str,
+    before,
+    after,
+    record: dict,
+    guard: bool = True,
+    undone: str = "undone, the model it started from is kept",
+    self_taught: bool = False,
+) -> bool:
     """Record a step's effect on the pool's label-free scores; whether to keep it.
 
-    A step is undone when it lowers the pool's quality score or its atlas agreement. The score
-    alone is not enough: it multiplies the network's confidence in its answer, which
-    self-training raises by construction (it learns its own confident answers), and on a study
-    scanner it rose 0.67 → 0.73 while Dice fell 0.790 → 0.780; the atlas agreement, which no
-    step trains, fell with Dice (docs/results.md). Without an atlas the score alone decides.
+    A step is undone when it lowers the pool's quality score, the label-free stand-in for Dice
+    (the geometric mean of the network's confidence and its atlas agreement). A step that learns
+    from the model's own answers (``self_taught``: self-training) is also undone when it lowers
+    the atlas agreement: it raises the confidence by construction, and on a study scanner the
+    score rose 0.67 → 0.73 while Dice fell 0.790 → 0.780, the agreement, which no step trains,
+    falling with Dice. A step that learns nothing from the answers (AdaBN, the choice of
+    standardisation) is judged by the score alone: on a study scanner AdaBN lowered the
+    agreement 0.790 → 0.785 while it raised the score and Dice (+0.015), a gain the agreement
+    alone would have undone (docs/results.md). Without an atlas the score is the confidence.
     ``guard=False`` (``adapt.guard=false``, for measuring what a step does) keeps every step.
+    ``undone`` is what the run prints when it undoes the step.
     """
     from subseg.training.pseudo_labels import pool_agreement
 
@@ -146,9 +218,12 @@ def _guarded(step: str, before, after, record: dict, guard: bool = True) -> bool
         "pool_agreement_before": pool_agreement(before),
         "pool_agreement_after": pool_agreement(after),
     }
+    judged = [("quality score", "pool_qc")]
+    if self_taught:
+        judged.append(("atlas agreement", "pool_agreement"))
     lowered = [
         name
-        for name, key in (("quality score", "pool_qc"), ("atlas agreement", "pool_agreement"))
+        for name, key in judged
         if scores[f"{key}_after"] < scores[f"{key}_before"]  # False for NaN (no atlas)
     ]
     kept = not lowered or not guard
@@ -167,7 +242,7 @@ def _guarded(step: str, before, after, record: dict, guard: bool = True) -> bool
     else:
         print(
             f"subseg: {step} lowered the unlabelled scans' {' and '.join(lowered)} ({change}): "
-            "undone, the model it started from is kept"
+            f"{undone}"
         )
     return kept
 
@@ -180,6 +255,7 @@ def adapt(
     pool: list[tuple[str, dict]],
     record: dict,
     fit: Callable,
+    chosen: tuple[dict, list] | None = None,
 ):
     """Run the label-free steps (and the labelled fit, for k ≥ 1) and save the run's model.
 
@@ -192,6 +268,8 @@ def adapt(
         record: ``transfer.json``'s record; ``label_free`` is added.
         fit: ``fit(module, items, record, extra_samples)`` → (network in eval mode, trainer):
             fine-tuning as TL-k runs it.
+        chosen: the ``nyul`` step's record and the source network's segmentation of the pool
+            as prepared (:func:`choose_intensity`; ``None`` without the step).
 
     Returns:
         (the run's network in eval mode, the last trainer or ``None`` when nothing was fitted).
@@ -207,7 +285,11 @@ def adapt(
     start = copy.deepcopy(net.state_dict())  # what every fit starts from
     kept = start  # the model the run keeps so far
     trainer = None
-    current = pseudo_labels.segment_pool(net, pool)
+    if chosen is not None:  # the input was chosen on the pool: the source already segmented it
+        log["steps"].append(chosen[0])
+        current = chosen[1]
+    else:
+        current = pseudo_labels.segment_pool(net, pool)
     log["source_scan_qc"] = {s.scan: s.qc for s in current}  # the source's weakness, per scan
     if "adabn" in steps:
         images = pool + [(str(i), item) for i, item in enumerate(labelled)]
@@ -231,7 +313,7 @@ def adapt(
             after = pseudo_labels.segment_pool(student, pool)
             entry["step"] = f"self-training round {round_}"
             log["steps"].append(entry)
-            if not _guarded(entry["step"], current, after, entry, guard):
+            if not _guarded(entry["step"], current, after, entry, guard, self_taught=True):
                 break
             kept, current = copy.deepcopy(student.state_dict()), after
     log["pool_qc"] = _quality(current)

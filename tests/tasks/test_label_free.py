@@ -128,8 +128,15 @@ def test_label_free_options_are_checked_and_named():
     cfg = _compose("finetune", [*base, "target.n_images=0", "adapt.label_free=adabn"])
     assert method_key(cfg) == "tl0_adabn"
     assert method_key(_compose("finetune", [*base, "target.n_images=0"])) == "no_tl"
+    cfg = _compose("finetune", [*base, "target.n_images=0", "adapt.label_free=nyul_adabn"])
+    assert method_key(cfg) == "tl0_nyul_adabn"
+    cfg = _compose(
+        "finetune", [*base, "target.n_images=0", "adapt.label_free=nyul", "intensity=nyul"]
+    )
+    with pytest.raises(io.InputError, match="leave out intensity=nyul"):
+        finetune.check_options(cfg)
     for wrong, message in (
-        ("adapt.label_free=dann", "choose adabn, self or adabn_self"),
+        ("adapt.label_free=dann", "choose adabn, self, adabn_self, nyul or nyul_adabn"),
         ("adapt.rounds=0", "adapt.rounds=0"),
         ("adapt.confidence=1.5", "adapt.confidence=1.5"),
     ):
@@ -141,7 +148,8 @@ def test_label_free_options_are_checked_and_named():
 
 def test_the_guard_undoes_a_step_that_lowers_the_score_or_the_atlas_agreement(capsys):
     """Self-training raises the network's confidence by construction: a higher score with a
-    lower atlas agreement is undone too."""
+    lower atlas agreement is undone too. A step that learns nothing from the model's answers
+    (AdaBN) is judged by the score alone."""
     from subseg.tasks.label_free import _guarded
     from subseg.training.pseudo_labels import PoolSegmentation
 
@@ -162,12 +170,15 @@ def test_the_guard_undoes_a_step_that_lowers_the_score_or_the_atlas_agreement(ca
         (pool(0.60, 0.76), False),  # the score falls
     ):
         record = {}
-        assert _guarded("step", source, after, record) is keep
+        assert _guarded("step", source, after, record, self_taught=True) is keep
         assert record["kept"] is keep
         assert record["pool_agreement_after"] == pytest.approx(after[0].agreement)
     assert "undone, the model it started from is kept" in capsys.readouterr().out
+    # AdaBN on a study scanner: the score and Dice rose while the agreement fell a little.
+    for after, keep in ((pool(0.74, 0.74), True), (pool(0.60, 0.76), False)):
+        assert _guarded("AdaBN", source, after, {}) is keep
     record = {}
-    assert _guarded("step", source, pool(0.74, 0.74), record, guard=False) is True
+    assert _guarded("step", source, pool(0.74, 0.74), record, False, self_taught=True) is True
     assert "kept (adapt.guard=false)" in capsys.readouterr().out
     nan = pool(0.7, float("nan"))  # atlas=none: the score alone decides
     assert _guarded("step", pool(0.6, float("nan")), nan, {}) is True
@@ -204,3 +215,81 @@ def test_a_cohort_without_any_label_is_adapted_to(setting, capsys):
     statistics = ("running_mean", "running_var", "num_batches_tracked")
     assert moved and all(k.rsplit(".", 1)[1] in statistics for k in moved)
     assert (run / "complete.json").is_file()
+
+
+def test_nyul_is_kept_only_when_the_pools_scores_prefer_it(monkeypatch, capsys):
+    """``adapt.label_free=nyul``: the source model segments the pool prepared both ways; the
+    run takes Nyúl's standardisation (with the source's scale) only when the pool's quality
+    score does not fall with it, and otherwise keeps its own."""
+    from subseg.preprocessing.contract import InputContract
+    from subseg.tasks import label_free
+    from subseg.training import pseudo_labels
+    from subseg.training.pseudo_labels import PoolSegmentation
+
+    prepared_as = []
+
+    def prepare(pool, contract, source):
+        prepared_as.append(contract.intensity)
+        return [(s, {"intensity": contract.intensity}) for s in pool]
+
+    def scores(confidence, agreement):
+        qc = (confidence * agreement) ** 0.5
+        return [{"confidence": confidence, "atlas_agreement": agreement, "qc": qc}] * 14
+
+    def segment(net, prepared, progress=True):
+        wanted = {"zscore": own, "nyul": nyul}[prepared[0][1]["intensity"]]
+        return [PoolSegmentation(s, None, None, scores(*wanted)) for s, _ in prepared]
+
+    monkeypatch.setattr(label_free, "prepare_pool", prepare)
+    monkeypatch.setattr(pseudo_labels, "segment_pool", segment)
+    base = [*TARGET, "dataset.root=/nowhere", "source_run=/nowhere", "target.n_images=0"]
+    cfg = _compose("finetune", [*base, "adapt.label_free=nyul_adabn"])
+    given = InputContract(preprocess={"brain": "none"}, atlas={"kind": "none"})
+    scale = [0.0, 1.0, 2.0]
+    own = (0.60, 0.70)
+    for nyul, chosen in (
+        ((0.62, 0.72), "nyul"),
+        ((0.66, 0.67), "nyul"),  # surer, a little further from the atlas: the score decides
+        ((0.58, 0.72), "zscore"),
+    ):
+        contract, prepared, entry, segmentation = label_free.choose_intensity(
+            cfg, torch.nn.Identity(), ["s0", "s1"], given, None, lambda c: scale
+        )
+        assert contract.intensity == chosen and entry["kept"] is (chosen == "nyul")
+        assert contract.landmarks == (scale if chosen == "nyul" else None)
+        assert {item["intensity"] for _, item in prepared} == {chosen}
+        expected = {"nyul": nyul, "zscore": own}[chosen]
+        assert segmentation[0].agreement == pytest.approx(expected[1])
+    assert given.intensity == "zscore" and given.landmarks is None  # the source's, untouched
+    assert "not used, the model's own standardisation is kept" in capsys.readouterr().out
+    prepared_as.clear()
+    cfg = _compose("finetune", [*base, "adapt.label_free=adabn"])
+    contract, _, entry, segmentation = label_free.choose_intensity(
+        cfg, torch.nn.Identity(), ["s0"], given, None, lambda c: scale
+    )
+    assert contract is given and entry is None and segmentation is None
+    assert prepared_as == ["zscore"]  # no step: the pool prepared once, the model's own way
+
+
+@pytest.mark.slow
+def test_the_intensity_chosen_on_the_pool_is_the_one_the_run_records(setting):
+    """The run's input contract (what predict.py reads back) is the standardisation the ``nyul``
+    step kept: Nyúl's, with the source's scale, when kept; the model's own when undone."""
+    from subseg.runs.run_folder import RunFolder
+
+    for guard in ("false", "true"):
+        summary, run = _finetune(
+            setting,
+            f"nyul_guard_{guard}",
+            "target.n_images=0",
+            "adapt.label_free=nyul",
+            f"adapt.guard={guard}",
+        )
+        step = json.loads((run / "transfer.json").read_text())["label_free"]["steps"][0]
+        assert step["step"] == "nyul"
+        contract = RunFolder(run).contract()
+        assert contract.intensity == ("nyul" if step["kept"] else "zscore")
+        assert (contract.landmarks is not None) is step["kept"]
+        assert summary["label_free"]["steps"][0]["kept"] is step["kept"]
+        if guard == "false":
+            assert step["kept"] is True
