@@ -31,6 +31,7 @@ from subseg.training.preparation import (
     nyul_landmarks,
     prepare_run,
     source_training_items,
+    training_images,
 )
 
 
@@ -118,10 +119,23 @@ def _source_and_contract(cfg: DictConfig):
             else ""
         )
         contract = contracts.contract_from_options(cfg, why)
+    where = source_dir.path if source_dir else source_ckpt
+    if "nyul" in label_free.steps_of(cfg):
+        if contract.intensity == "nyul":  # nothing to choose: its input is Nyúl's already
+            raise io.InputError(
+                f"{where}: the model already takes Nyúl's input, so adapt.label_free="
+                f"{cfg.adapt.label_free} has nothing to choose; use "
+                f"adapt.label_free={label_free.without_nyul(cfg.adapt.label_free)}"
+            )
+        if source_dir is None:
+            raise io.InputError(
+                f"adapt.label_free={cfg.adapt.label_free} maps the scans to the source training "
+                "images' intensity scale: name the source run folder, "
+                "source_run=<training run folder>"
+            )
     if contract.intensity == "nyul" and cfg.intensity != "nyul":  # a Nyúl-tuned source model
         raise io.InputError(
-            f"{source_dir.path if source_dir else source_ckpt}: the model was trained with "
-            "intensity=nyul; "
+            f"{where}: the model takes Nyúl-standardised input; "
             f"intensity={cfg.intensity} would feed it other input (add intensity=nyul)"
         )
     if cfg.intensity != contract.intensity:
@@ -475,14 +489,12 @@ def finetune(cfg: DictConfig, run_dir: str | Path) -> dict:
     dataset = as_dict(cfg.dataset)
     draw, ranking = _draw(cfg, dataset, source_ckpt, contract)
     pool = label_free.pool_subjects(cfg, dataset, draw) if label_free.steps_of(cfg) else []
-    if "nyul" in label_free.steps_of(cfg) and source_dir is None:
-        raise io.InputError(
-            f"adapt.label_free={cfg.adapt.label_free} maps the scans to the source training "
-            "images' intensity scale: name the source run folder, source_run=<training run folder>"
-        )
     # Everything that can be refused is checked before the run folder is touched.
     drawn = {i for ids in draw.values() for i in ids}
     subjects = check_cohort(dataset, drawn) if drawn else []  # none: a label-free run
+    learns_scale = cfg.intensity == "nyul" and contract.landmarks is None
+    if source_dir is not None and (learns_scale or "nyul" in label_free.steps_of(cfg)):
+        training_images(source_dir, source_cfg)  # Nyúl's reference, there before the run begins
     L.seed_everything(int(cfg.seed), workers=True)
     module, record = _starting_model(cfg, source_ckpt, init, len(draw["train"]))
     digest = run.begin(

@@ -52,6 +52,16 @@ METHODS = {
 """``adapt.label_free`` → its steps, in order."""
 
 
+def without_nyul(method: str) -> str:
+    """The ``adapt.label_free`` method that takes ``method``'s steps but Nyúl's (AdaBN if none)."""
+    rest = [
+        name
+        for name, steps in METHODS.items()
+        if steps == tuple(step for step in METHODS[method] if step != "nyul")
+    ]
+    return rest[0] if rest else "adabn"
+
+
 def steps_of(cfg: DictConfig) -> tuple[str, ...]:
     """The label-free steps a config asks for (empty: none).
 

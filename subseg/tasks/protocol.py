@@ -375,9 +375,9 @@ def _label_free_notes(found: list[Mapping]) -> list[str]:
                 "labelled scan"
             )
         steps = "; ".join(
-            f"{step['step']} {'kept' if step.get('kept', True) else 'undone'} (the pool's quality "
-            f"score {step['pool_qc_before']:.3f} → {step['pool_qc_after']:.3f}, atlas agreement "
-            f"{step['pool_agreement_before']:.3f} → {step['pool_agreement_after']:.3f})"
+            f"{_step_verdict(step)} (the pool's quality score {step['pool_qc_before']:.3f} → "
+            f"{step['pool_qc_after']:.3f}, atlas agreement {step['pool_agreement_before']:.3f} → "
+            f"{step['pool_agreement_after']:.3f})"
             for step in item["steps"]
             if "pool_qc_before" in step
         )
@@ -387,6 +387,13 @@ def _label_free_notes(found: list[Mapping]) -> list[str]:
         )
         notes.append(f"{said} Its guard: {steps}." if steps else said)
     return notes
+
+
+def _step_verdict(step: Mapping) -> str:
+    kept = step.get("kept", True)
+    if step["step"] == "nyul":  # a choice between two inputs: nothing was done to undo
+        return "Nyúl's input chosen" if kept else "Nyúl's input not used (the model's own kept)"
+    return f"{step['step']} {'kept' if kept else 'undone'}"
 
 
 def _suggestion_note(found: Mapping | None) -> list[str]:

@@ -137,15 +137,40 @@ def cached_subjects(by_id, protocol, contract: InputContract, source, num_worker
 
 
 def nyul_landmarks(source: RunFolder, source_cfg: Mapping, contract: InputContract) -> list:
-    """The source training images' standard scale (Nyúl stage one), prepared as ``contract``."""
-    train_ids = set(source.split("train"))
+    """The source training images' standard scale (Nyúl stage one), prepared as ``contract``.
+
+    Raises:
+        io.InputError: the source run's training images are gone, or one has no usable histogram.
+    """
+    paths = training_images(source, source_cfg)
     prepare = contract.intensities(landmarks=False)
-    images = [
-        prepare({"image": str(s.image)})["image"][0].numpy()
-        for s in cohort.list_subjects(source_cfg["dataset"])
+    images = [prepare({"image": str(path)})["image"][0].numpy() for path in paths]
+    try:
+        return [float(v) for v in transforms.learn_standard_scale(images)]
+    except ValueError as error:
+        raise io.InputError(
+            f"{source.path}: its training images give no Nyúl scale: {error}"
+        ) from None
+
+
+def training_images(source: RunFolder, source_cfg: Mapping) -> list:
+    """The image files a source run trained on (Nyúl's reference), checked to be there.
+
+    Raises:
+        io.InputError: none of them is found (the source cohort moved or was deleted).
+    """
+    train_ids = set(source.split("train"))
+    found = [
+        s.image
+        for s in cohort.list_subjects(source_cfg["dataset"], require_labels=False)
         if s.id in train_ids
     ]
-    return [float(v) for v in transforms.learn_standard_scale(images)]
+    if not found:
+        raise io.InputError(
+            f"{source.path}: none of its {len(train_ids)} training images is at "
+            f"{source_cfg['dataset'].get('root')} any more; Nyúl's scale is learnt from them"
+        )
+    return found
 
 
 def source_training_items(source: RunFolder, source_cfg: Mapping, contract) -> list:

@@ -146,6 +146,47 @@ def test_label_free_options_are_checked_and_named():
             finetune.check_options(cfg)
 
 
+def test_a_nyul_step_is_refused_where_there_is_nothing_to_choose_from(monkeypatch, tmp_path):
+    """A source model that takes Nyúl's input already, or a bare checkpoint (no training images
+    to learn Nyúl's scale from): one line, before anything is done."""
+    from subseg.preprocessing.contract import InputContract
+
+    base = [*TARGET, "dataset.root=/nowhere", "source_run=/nowhere", "target.n_images=0"]
+    cfg = _compose("finetune", [*base, "adapt.label_free=nyul_adabn"])
+
+    class NyulSource:
+        path = tmp_path / "source"
+
+        def contract(self):
+            return InputContract({"brain": "none"}, {"kind": "none"}, "nyul", [0.0, 1.0])
+
+    checkpoint = tmp_path / "best.ckpt"
+    monkeypatch.setattr(finetune, "source_run", lambda cfg: (NyulSource(), {}, checkpoint))
+    with pytest.raises(io.InputError, match="already takes Nyúl's input.*label_free=adabn$"):
+        finetune._source_and_contract(cfg)
+    monkeypatch.setattr(finetune, "source_run", lambda cfg: (None, None, checkpoint))
+    monkeypatch.setattr(finetune.trained_model, "read_checkpoint", lambda path: {})
+    monkeypatch.setattr(finetune.trained_model, "checkpoint_contract", lambda *args: None)
+    with pytest.raises(io.InputError, match="name the source run folder"):
+        finetune._source_and_contract(cfg)
+
+
+def test_nyuls_scale_is_refused_in_one_line_when_the_training_images_are_gone(tmp_path):
+    from subseg.preprocessing.contract import InputContract
+    from subseg.runs.run_folder import RunFolder
+    from subseg.training.preparation import nyul_landmarks
+
+    source = RunFolder(tmp_path / "source")
+    source.path.mkdir()
+    (source.path / "splits.json").write_text(json.dumps({"train": ["s000", "s001"]}))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "other.nii.gz").write_bytes(b"")
+    dataset = {"root": str(tmp_path), "image": "images/{id}.nii.gz", "label": None}
+    contract = InputContract({"kind": "none", "brain": "none"}, {"kind": "none"})
+    with pytest.raises(io.InputError, match="none of its 2 training images is at"):
+        nyul_landmarks(source, {"dataset": dataset}, contract)
+
+
 def test_the_guard_undoes_a_step_that_lowers_the_score_or_the_atlas_agreement(capsys):
     """Self-training raises the network's confidence by construction: a higher score with a
     lower atlas agreement is undone too. A step that learns nothing from the model's answers
@@ -154,13 +195,9 @@ def test_the_guard_undoes_a_step_that_lowers_the_score_or_the_atlas_agreement(ca
     from subseg.training.pseudo_labels import PoolSegmentation
 
     def pool(confidence, agreement):
-        rows = [
-            {
-                "confidence": confidence,
-                "atlas_agreement": agreement,
-                "qc": (confidence * agreement) ** 0.5,
-            }
-        ] * 14
+        # Without an atlas (agreement NaN) the quality score is the confidence alone.
+        qc = confidence if agreement != agreement else (confidence * agreement) ** 0.5
+        rows = [{"confidence": confidence, "atlas_agreement": agreement, "qc": qc}] * 14
         return [PoolSegmentation(f"s{i}", None, None, rows) for i in range(3)]
 
     source = pool(0.62, 0.75)
@@ -180,8 +217,9 @@ def test_the_guard_undoes_a_step_that_lowers_the_score_or_the_atlas_agreement(ca
     record = {}
     assert _guarded("step", source, pool(0.74, 0.74), record, False, self_taught=True) is True
     assert "kept (adapt.guard=false)" in capsys.readouterr().out
-    nan = pool(0.7, float("nan"))  # atlas=none: the score alone decides
-    assert _guarded("step", pool(0.6, float("nan")), nan, {}) is True
+    nan = float("nan")  # atlas=none: the score alone decides, for self-training too
+    for after, keep in ((pool(0.7, nan), True), (pool(0.5, nan), False)):
+        assert _guarded("step", pool(0.6, nan), after, {}, self_taught=True) is keep
 
 
 @pytest.mark.slow
@@ -229,8 +267,16 @@ def test_nyul_is_kept_only_when_the_pools_scores_prefer_it(monkeypatch, capsys):
     prepared_as = []
 
     def prepare(pool, contract, source):
-        prepared_as.append(contract.intensity)
-        return [(s, {"intensity": contract.intensity}) for s in pool]
+        # The real pipeline applies Nyúl's mapping only when the contract carries its scale.
+        applied = "nyul" if contract.landmarks is not None else "zscore"
+        prepared_as.append(applied)
+        return [(s, {"intensity": applied}) for s in pool]
+
+    asked = []
+
+    def landmarks_of(contract):
+        asked.append(contract.intensity)
+        return scale
 
     def scores(confidence, agreement):
         qc = (confidence * agreement) ** 0.5
@@ -253,7 +299,7 @@ def test_nyul_is_kept_only_when_the_pools_scores_prefer_it(monkeypatch, capsys):
         ((0.58, 0.72), "zscore"),
     ):
         contract, prepared, entry, segmentation = label_free.choose_intensity(
-            cfg, torch.nn.Identity(), ["s0", "s1"], given, None, lambda c: scale
+            cfg, torch.nn.Identity(), ["s0", "s1"], given, None, landmarks_of
         )
         assert contract.intensity == chosen and entry["kept"] is (chosen == "nyul")
         assert contract.landmarks == (scale if chosen == "nyul" else None)
@@ -261,11 +307,12 @@ def test_nyul_is_kept_only_when_the_pools_scores_prefer_it(monkeypatch, capsys):
         expected = {"nyul": nyul, "zscore": own}[chosen]
         assert segmentation[0].agreement == pytest.approx(expected[1])
     assert given.intensity == "zscore" and given.landmarks is None  # the source's, untouched
+    assert asked == ["nyul"] * 3  # the scale is asked for the Nyúl contract
     assert "not used, the model's own standardisation is kept" in capsys.readouterr().out
     prepared_as.clear()
     cfg = _compose("finetune", [*base, "adapt.label_free=adabn"])
     contract, _, entry, segmentation = label_free.choose_intensity(
-        cfg, torch.nn.Identity(), ["s0"], given, None, lambda c: scale
+        cfg, torch.nn.Identity(), ["s0"], given, None, landmarks_of
     )
     assert contract is given and entry is None and segmentation is None
     assert prepared_as == ["zscore"]  # no step: the pool prepared once, the model's own way
@@ -275,6 +322,7 @@ def test_nyul_is_kept_only_when_the_pools_scores_prefer_it(monkeypatch, capsys):
 def test_the_intensity_chosen_on_the_pool_is_the_one_the_run_records(setting):
     """The run's input contract (what predict.py reads back) is the standardisation the ``nyul``
     step kept: Nyúl's, with the source's scale, when kept; the model's own when undone."""
+    from subseg.runs import trained_model
     from subseg.runs.run_folder import RunFolder
 
     for guard in ("false", "true"):
@@ -291,5 +339,10 @@ def test_the_intensity_chosen_on_the_pool_is_the_one_the_run_records(setting):
         assert contract.intensity == ("nyul" if step["kept"] else "zscore")
         assert (contract.landmarks is not None) is step["kept"]
         assert summary["label_free"]["steps"][0]["kept"] is step["kept"]
+        # The pool was scored, and the model saved, with the input kept.
+        scored = step["pool_qc_after"] if step["kept"] else step["pool_qc_before"]
+        assert summary["label_free"]["pool_qc"] == pytest.approx(scored)
+        stored = trained_model.read_checkpoint(run / "checkpoints" / "best.ckpt")
+        assert trained_model.checkpoint_contract(stored, run).record() == contract.record()
         if guard == "false":
             assert step["kept"] is True

@@ -116,3 +116,15 @@ def test_a_label_free_method_is_reported_as_its_share_of_tl1s_gain_with_its_guar
     assert lost["share"] is None
     assert "TL-1 did not gain over No TL here (-0.0100)" in protocol._label_free_notes([lost])[0]
     assert protocol.label_free_findings({"tl0_adabn": {"avg": 0.8}}, accounts) == []
+
+
+def test_a_nyul_step_is_reported_as_the_input_chosen_not_as_a_step_undone():
+    step = {"pool_qc_before": 0.726, "pool_qc_after": 0.7256}
+    step |= {"pool_agreement_before": 0.79, "pool_agreement_after": 0.785}
+    item = {"method": "tl0_nyul_adabn", "avg": 0.80, "gain": 0.01, "tl1_gain": None, "pool": 8}
+    steps = [{"step": "nyul", **step, "kept": False}, {"step": "adabn", **step, "kept": True}]
+    (note,) = protocol._label_free_notes([{**item, "steps": steps}])
+    assert "Nyúl's input not used (the model's own kept) (the pool's quality score 0.726" in note
+    assert "nyul undone" not in note and "adabn kept" in note
+    steps[0]["kept"] = True
+    assert "Nyúl's input chosen" in protocol._label_free_notes([{**item, "steps": steps}])[0]
