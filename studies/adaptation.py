@@ -341,7 +341,10 @@ def _cell(row: dict, method: str) -> str:
     text = f"{row[method]:.4f}"
     if f"{method}_p" in row:
         text += f" (p {row[method + '_p']:.2g})"
-    undone = [s["step"] for s in row.get(f"{method}_guard") or () if not s.get("kept", True)]
+    steps = [s for s in row.get(f"{method}_guard") or () if not s.get("kept", True)]
+    if any(s["step"] == "nyul" for s in steps):  # a choice of input, not a step undone
+        text += " [Nyúl's input not used]"
+    undone = [s["step"] for s in steps if s["step"] != "nyul"]
     if undone:
         text += f" [guard undid {', '.join(undone)}]"
     return text

@@ -36,6 +36,11 @@ def test_mean_gain_is_over_scanners_and_an_undone_step_is_shown(study):
     assert "TL-1 +0.0375; tl0_adabn +0.0050 (0.13 of TL-1's, lowest +0.0000)" in text
     assert "0.7000 [guard undid adabn]" in text
     assert "0.8100 [guard" not in text
+    # A Nyúl choice that kept the model's own input is not a step undone.
+    table["a"]["tl0_nyul_adabn"] = 0.81
+    table["a"]["tl0_nyul_adabn_guard"] = [{"step": "nyul", "kept": False}, {"step": "adabn"}]
+    text = study.markdown({"scanners": table, "rules": {}})
+    assert "| 0.8100 [Nyúl's input not used] |" in text
 
 
 def test_rules_table_gives_each_pick_and_the_mean_percentile(study):
