@@ -14,10 +14,10 @@ dimension across the cohort first, so no channel dominates by its scale alone.
 The evidence behind this choice is in ``docs/engineering.md`` ("Which scans to label"): TL-1 on
 every candidate of the demo's target and of four more synthetic scanners
 (``studies/adaptation.py``). On those four the medoid's TL-1 reached the 82nd percentile on
-average (on the demo's target only the 8th, then the 0th: the worst of 13), while picking the
-scan the source model scores lowest (its weakness) or the farthest one reached the 36th and 43rd:
-the scans the source handles badly are often outliers whose label teaches the fully-connected
-layers about one scan.
+average (86 on A and B again with another source model; on the demo's target only the 8th, then
+the 0th: the worst of 13), while picking the scan the source model scores lowest (its weakness)
+or the farthest one reached the 36th and 43rd: the scans the source handles badly are often
+outliers whose label teaches the fully-connected layers about one scan.
 """
 
 from __future__ import annotations
