@@ -9,8 +9,9 @@ and the same test scans:
 - TL-1 on every candidate in turn (exhaustive: 8 runs);
 - the label-free methods (``nyul_no_tl``, ``tl0_adabn``, ``tl0_nyul_adabn``, ``tl0_self``,
   ``tl0_adabn_self``), adapting to the candidates' images (their labels unread);
-- ``tl1_self`` on ``suggest.py``'s first pick: its label plus the other candidates'
-  pseudo-labels;
+- ``tl1_self`` and ``tl1_adabn`` on ``suggest.py``'s first pick: its label plus the other
+  candidates' pseudo-labels, or its label after AdaBN on every candidate's image (one change
+  against that scan's own TL-1 run);
 - ``seeds`` (after ``tl1``): TL-1 on the best and the worst candidate again with two other
   seeds, so that the spread across candidates can be told from the seed's own;
 - the suggestion scores of every candidate, read from the images only: coverage (mean distance
@@ -76,6 +77,10 @@ LABEL_FREE = {
 """Label-free methods: ``finetune.py`` overrides (the pool is every non-test scan). Nyúl's
 histogram standardisation reads no label either: ``nyul_no_tl`` always takes it,
 ``tl0_nyul_adabn`` only where the pool's label-free scores prefer it (then AdaBN)."""
+
+WITH_ONE_LABEL = {"tl1_self": "self", "tl1_adabn": "adabn"}
+"""One labelled scan (``suggest.py``'s first pick) with a label-free step on the other
+candidates: ``adapt.label_free`` of each run."""
 
 
 def _run(name: str, overrides: list[str], folder: Path) -> dict:
@@ -151,13 +156,14 @@ def scanner_runs(scanner: str, source_run: str, out: Path, methods: list[str]) -
     for method, overrides in LABEL_FREE.items():
         if method in methods:
             results[method] = _summary(method, [*base, *overrides], folder / method)
-    if "tl1_self" in methods:  # the suggested scan's label plus the others' pseudo-labels
-        pick = suggestion_scores(scanner, source_run, out, candidates)["coverage_ranking"][0]
-        results["tl1_self"] = _summary(
-            "tl1_self",
-            [*base, "target.n_images=1", f"target.ids=[{pick}]", "adapt.label_free=self"],
-            folder / "tl1_self",
-        )
+    for method, step in WITH_ONE_LABEL.items():  # the suggested scan's label and the pool
+        if method in methods:
+            pick = suggestion_scores(scanner, source_run, out, candidates)["coverage_ranking"][0]
+            results[method] = _summary(
+                method,
+                [*base, "target.n_images=1", f"target.ids=[{pick}]", f"adapt.label_free={step}"],
+                folder / method,
+            )
     if "seeds" in methods:  # how much of TL-1's spread across scans the seed alone gives
         tl1 = {c: RunFolder(folder / f"tl1_{c}").summary()["avg"] for c in candidates}
         for scan in (max(tl1, key=tl1.get), min(tl1, key=tl1.get)):
@@ -236,12 +242,18 @@ def analyse(args) -> dict:
         folder = args.out / scanner
         read = {
             name: RunFolder(folder / name).summary()
-            for name in ["no_tl", *LABEL_FREE, "tl1_self", *(f"tl1_{c}" for c in candidates)]
+            for name in ["no_tl", *LABEL_FREE, *WITH_ONE_LABEL, *(f"tl1_{c}" for c in candidates)]
             if RunFolder(folder / name).is_complete()
         }
         tl1 = {c: read[f"tl1_{c}"]["avg"] for c in candidates if f"tl1_{c}" in read}
         row = {"test": test, "candidates": len(candidates)}
-        row.update({m: read[m]["avg"] for m in ["no_tl", *LABEL_FREE, "tl1_self"] if m in read})
+        row.update(
+            {m: read[m]["avg"] for m in ["no_tl", *LABEL_FREE, *WITH_ONE_LABEL] if m in read}
+        )
+        for m in WITH_ONE_LABEL:  # the same scan's TL-1 alone: the pool's step is the one change
+            pick = RunFolder(folder / m).split("train")[0] if m in read else None
+            if pick in tl1:
+                row[f"{m}_alone"] = {"scan": pick, "tl1": tl1[pick]}
         for m in LABEL_FREE if "no_tl" in read else ():
             baseline = stats.dice_by_pair(read_metrics(RunFolder(folder / "no_tl").metrics_file))
             if m in read and "label_free" in read[m]:
@@ -287,7 +299,7 @@ def analyse(args) -> dict:
 def markdown(study: dict) -> str:
     """The study's tables as Markdown: methods per scanner, the goals' averages, the rules."""
     scanners = study["scanners"]
-    methods = ["no_tl", *LABEL_FREE, "tl1_self"]
+    methods = ["no_tl", *LABEL_FREE, *WITH_ONE_LABEL]
     lines = [
         "| scanner | " + " | ".join(methods) + " | TL-1 on each candidate: mean (min–max) |",
         "|---" * (len(methods) + 2) + "|",
@@ -312,6 +324,14 @@ def markdown(study: dict) -> str:
                     f" lowest {min(gains):+.4f})"
                 )
         lines[-1] += "."
+    for scanner, row in scanners.items():
+        for m in WITH_ONE_LABEL:
+            if f"{m}_alone" in row:
+                alone = row[f"{m}_alone"]
+                lines.append(
+                    f"- {scanner}: {m} on {alone['scan']} {row[m]:.4f}, against TL-1 on it alone "
+                    f"{alone['tl1']:.4f} ({row[m] - alone['tl1']:+.4f})"
+                )
     for scanner, row in scanners.items():
         for scan, values in (row.get("seeds") or {}).items():
             lines.append(
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["no_tl", "tl1", *LABEL_FREE, "tl1_self"],
+        default=["no_tl", "tl1", *LABEL_FREE, *WITH_ONE_LABEL],
         help="which runs to make (tl1: every candidate in turn; seeds: the best and worst "
         "candidate's TL-1 again with other seeds, after tl1)",
     )
@@ -367,15 +387,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with initialize_config_dir(str(subseg.CONF_DIR), version_base=None):
         # Every scanner's label-free runs first, then the exhaustive TL-1 runs.
-        first = [m for m in args.methods if m not in ("tl1", "tl1_self", "seeds")]
+        later = [*WITH_ONE_LABEL, "seeds"]  # after TL-1: they are compared with its runs
+        first = [m for m in args.methods if m not in ("tl1", *later)]
         if not args.analyse_only:
             for scanner in args.scanners:
                 scanner_runs(scanner, args.source_run, args.out, first)
             if "tl1" in args.methods:
                 tl1_round_robin(args.scanners, args.source_run, args.out)
-            for later in ("tl1_self", "seeds"):
-                for scanner in args.scanners if later in args.methods else ():
-                    scanner_runs(scanner, args.source_run, args.out, [later])
+            for method in later:
+                for scanner in args.scanners if method in args.methods else ():
+                    scanner_runs(scanner, args.source_run, args.out, [method])
         analyse(args)
 
 

@@ -52,3 +52,10 @@ def test_rules_table_gives_each_pick_and_the_mean_percentile(study):
     }
     text = study.markdown({"scanners": {"a": {}, "b": {}}, "rules": rules})
     assert "| coverage (medoid) | a006 0.7900 (100) | b003 0.8000 (50) | 75 |" in text
+
+
+def test_a_label_with_the_pool_is_set_against_the_same_scans_tl1_alone(study):
+    row = {"tl1_adabn": 0.8123, "tl1_adabn_alone": {"scan": "b003", "tl1": 0.8010}}
+    text = study.markdown({"scanners": {"b": row}, "rules": {}})
+    assert "- b: tl1_adabn on b003 0.8123, against TL-1 on it alone 0.8010 (+0.0113)" in text
+    assert "| 0.8123 |" in text
