@@ -44,8 +44,7 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     assert (out / "cohorts.png").stat().st_size > 10_000
 
     report = json.loads((out / "summary.json").read_text())
-    keys = {"no_tl", "tl1", "tl1_suggested", "tl2", "tl3", "scratch3", "nyul_no_tl"}
-    keys.add("tl0_nyul_adabn")
+    keys = {"no_tl", "tl1", "tl1_suggested", "tl2", "tl3", "scratch3", "nyul_no_tl", "tl0_adabn"}
     assert set(report["methods"]) == keys
     for method in report["methods"].values():
         assert 0.0 <= method["avg"] <= 1.0 and len(method["per_structure"]) == 14
@@ -58,20 +57,16 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
         for s in ("t000", "t001", "t002")
     ]
     assert trained == [["t000"], ["t001"], ["t002"]]
-    # The label-free run read the 3 candidates' images, chose their input (own or Nyúl's), then
-    # AdaBN, and said what each step did to their quality score.
-    free_run = out / "runs" / "tl0_nyul_adabn"
-    free = json.loads((free_run / "transfer.json").read_text())["label_free"]
+    # AdaBN read the 3 candidates' images and said what it did to their quality score.
+    free = json.loads((out / "runs" / "tl0_adabn" / "transfer.json").read_text())["label_free"]
     assert free["pool"] == ["t000", "t001", "t002"]
-    assert [step["step"] for step in free["steps"]] == ["nyul", "adabn"]
-    # The input it kept is the one the run records for predict.py.
-    recorded = json.loads((free_run / "preprocessing.json").read_text())["intensity"]
-    assert recorded == ("nyul" if free["steps"][0]["kept"] else "zscore")
+    assert [step["step"] for step in free["steps"]] == ["adabn"]
+    assert {"pool_qc_before", "pool_qc_after", "kept"} <= set(free["steps"][0])
     # The report gives the label-free gain as a share of TL-1's over the same 3 scans.
     (found,) = report["label_free"]
-    assert found["method"] == "tl0_nyul_adabn" and found["pool"] == 3
+    assert found["method"] == "tl0_adabn" and found["pool"] == 3
     assert found["gain"] == pytest.approx(
-        report["methods"]["tl0_nyul_adabn"]["avg"] - report["methods"]["no_tl"]["avg"]
+        report["methods"]["tl0_adabn"]["avg"] - report["methods"]["no_tl"]["avg"]
     )
     # Budgets are epochs; the clock is a safety net the report names when it fires.
     assert isinstance(report["capped"], list)
@@ -79,7 +74,7 @@ def test_demo_quick_tells_the_whole_story(tmp_path):
     text = (out / "report.md").read_text()
     assert "| structure | no_tl |" in text and "Source-domain retention" in text
     assert "| Avg range over draws |" in text
-    assert "tl0_nyul_adabn adapted to 3 unlabelled scans (their labels unread)" in text
+    assert "tl0_adabn adapted to 3 unlabelled scans (their labels unread)" in text
     assert ("wall-clock safety net" in text) == bool(report["capped"])
     assert (out / "learning_curve.png").stat().st_size > 5_000
     # TL-1 on suggest.py's top scan, beside the random draws; the quality score checked.
