@@ -10,7 +10,7 @@ and the same test scans:
 - the label-free methods (``nyul_no_tl``, ``tl0_adabn``, ``tl0_nyul_adabn``, ``tl0_self``,
   ``tl0_adabn_self``), adapting to the candidates' images (their labels unread);
 - ``tl1_self`` and ``tl1_adabn`` on ``suggest.py``'s first pick: its label plus the other
-  candidates' pseudo-labels, or its label after AdaBN on every candidate's image (one change
+  candidates' pseudo-labels, or its label after AdaBN on the other candidates' images (one change
   against that scan's own TL-1 run);
 - ``seeds`` (after ``tl1``): TL-1 on the best and the worst candidate again with two other
   seeds, so that the spread across candidates can be told from the seed's own;
@@ -218,6 +218,20 @@ def suggestion_scores(scanner: str, source_run: str, out: Path, candidates: list
     return scores
 
 
+def tl1_alone(run_dir: Path, tl1: dict[str, float]) -> dict | None:
+    """The TL-1 run on the scan a one-label-plus-pool run labelled: its one-change comparison.
+
+    Args:
+        run_dir: a ``tl1_self`` or ``tl1_adabn`` run folder.
+        tl1: the scanner's exhaustive TL-1, ``{candidate: Avg Dice}``.
+
+    Returns:
+        ``{"scan", "tl1"}``, or ``None`` when that scan's TL-1 run is not complete.
+    """
+    (scan,) = RunFolder(run_dir).split("train")
+    return {"scan": scan, "tl1": tl1[scan]} if scan in tl1 else None
+
+
 RULES = {
     "coverage (medoid)": lambda s, ids: min(ids, key=lambda i: s["distance"][i]),
     "weakness (lowest source QC)": lambda s, ids: min(ids, key=lambda i: s["source_qc"][i]),
@@ -250,11 +264,11 @@ def analyse(args) -> dict:
         row.update(
             {m: read[m]["avg"] for m in ["no_tl", *LABEL_FREE, *WITH_ONE_LABEL] if m in read}
         )
-        for m in WITH_ONE_LABEL:  # the same scan's TL-1 alone: the pool's step is the one change
-            pick = RunFolder(folder / m).split("train")[0] if m in read else None
-            if pick in tl1:
-                row[f"{m}_alone"] = {"scan": pick, "tl1": tl1[pick]}
-        for m in LABEL_FREE if "no_tl" in read else ():
+        for m in (m for m in WITH_ONE_LABEL if m in read):  # against the same scan's TL-1
+            alone = tl1_alone(folder / m, tl1)
+            if alone is not None:
+                row[f"{m}_alone"] = alone
+        for m in [*LABEL_FREE, *WITH_ONE_LABEL] if "no_tl" in read else ():
             baseline = stats.dice_by_pair(read_metrics(RunFolder(folder / "no_tl").metrics_file))
             if m in read and "label_free" in read[m]:
                 row[f"{m}_guard"] = read[m]["label_free"]["steps"]

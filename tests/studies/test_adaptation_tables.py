@@ -59,3 +59,11 @@ def test_a_label_with_the_pool_is_set_against_the_same_scans_tl1_alone(study):
     text = study.markdown({"scanners": {"b": row}, "rules": {}})
     assert "- b: tl1_adabn on b003 0.8123, against TL-1 on it alone 0.8010 (+0.0113)" in text
     assert "| 0.8123 |" in text
+
+
+def test_the_scan_a_label_with_the_pool_used_is_read_from_its_run(study, tmp_path):
+    run = tmp_path / "tl1_adabn"
+    run.mkdir()
+    (run / "splits.json").write_text('{"train": ["b003"], "val": [], "test": ["b002"]}')
+    assert study.tl1_alone(run, {"b003": 0.801, "b008": 0.802}) == {"scan": "b003", "tl1": 0.801}
+    assert study.tl1_alone(run, {"b008": 0.802}) is None  # that scan's TL-1 not run
