@@ -264,9 +264,8 @@ def analyse(args) -> dict:
         row.update(
             {m: read[m]["avg"] for m in ["no_tl", *LABEL_FREE, *WITH_ONE_LABEL] if m in read}
         )
-        for m in (m for m in WITH_ONE_LABEL if m in read):  # against the same scan's TL-1
-            alone = tl1_alone(folder / m, tl1)
-            if alone is not None:
+        for m in WITH_ONE_LABEL:  # set against the same scan's TL-1 alone
+            if m in read and (alone := tl1_alone(folder / m, tl1)) is not None:
                 row[f"{m}_alone"] = alone
         for m in [*LABEL_FREE, *WITH_ONE_LABEL] if "no_tl" in read else ():
             baseline = stats.dice_by_pair(read_metrics(RunFolder(folder / "no_tl").metrics_file))
@@ -400,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--analyse-only", action="store_true", help="only write the tables")
     args = parser.parse_args(argv)
     with initialize_config_dir(str(subseg.CONF_DIR), version_base=None):
-        # Every scanner's label-free runs first, then the exhaustive TL-1 runs.
+        # Every scanner's label-free runs first, then the exhaustive TL-1 runs, then the runs
+        # compared with them (one label plus the pool; other seeds).
         later = [*WITH_ONE_LABEL, "seeds"]  # after TL-1: they are compared with its runs
         first = [m for m in args.methods if m not in ("tl1", *later)]
         if not args.analyse_only:
